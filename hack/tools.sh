@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Builds the test bed's Go binaries from their Go modules (pinned in versions.env) and
+# caches them outside the repository. Prints the directory holding each binary.
+#
+#   hack/tools.sh all            build everything missing, print nothing but progress
+#   hack/tools.sh path NAME      print the directory holding NAME (building it if missing)
+#
+# NAME is one of: kube-apiserver etcd kubectl helm containerd crictl.
+# If KUBEBUILDER_ASSETS holds kube-apiserver, etcd and kubectl, those are used instead.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+cache=${IMAGEGC_CACHE:-$HOME/.cache/imagegc}
+export GOFLAGS=-buildvcs=false
+export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+
+log() { echo "tools: $*" >&2; }
+
+need_go() {
+  command -v go >/dev/null || { log "Go is required to build test binaries; install Go 1.26+ or set KUBEBUILDER_ASSETS"; exit 1; }
+}
+
+# build_in_module DIR OUT PKG REQUIRES... : build PKG in a scratch module that requires the given
+# module@version pairs; every "=> ./..." local replace of the first required module is turned into
+# its published version (the staging-module trick that makes k8s.io/kubernetes usable as a module).
+build_in_module() {
+  local out=$1 pkg=$2 staging_version=$3; shift 3
+  local work rc=0; work=$(mktemp -d)
+  (
+    cd "$work"
+    go mod init imagegc.dev/testbed-tools >/dev/null 2>&1
+    local first=$1
+    for req in "$@"; do go mod edit -require="$req"; done
+    if [ -n "$staging_version" ]; then
+      local gomod
+      gomod=$(go mod download -json "$first" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+      # Lines look like: k8s.io/api => ./staging/src/k8s.io/api
+      { grep -E '^\s*[^ ]+ => \./' "$gomod" || true; } | awk '{print $1}' | while read -r m; do
+        go mod edit -replace="$m=$m@$staging_version"
+      done
+    fi
+    printf 'package tools\n\nimport _ "%s"\n' "$pkg" > tools.go
+    go mod tidy >/dev/null 2>&1 || go mod tidy
+    go build -trimpath -ldflags "-s -w" -o "$out" "$pkg"
+  ) || rc=$?
+  rm -rf "$work"
+  return $rc
+}
+
+build() {
+  local name=$1 dir
+  case $name in
+    kube-apiserver|kubectl)
+      dir="$cache/bin/kubernetes-$KUBERNETES_VERSION"
+      [ -x "$dir/$name" ] && { echo "$dir"; return; }
+      need_go; mkdir -p "$dir"
+      log "building $name $KUBERNETES_VERSION from k8s.io/kubernetes (several minutes, once)"
+      build_in_module "$dir/$name" "k8s.io/kubernetes/cmd/$name" "v0.${KUBERNETES_VERSION#v1.}" \
+        "k8s.io/kubernetes@$KUBERNETES_VERSION"
+      ;;
+    etcd)
+      dir="$cache/bin/etcd-$ETCD_VERSION"
+      [ -x "$dir/etcd" ] && { echo "$dir"; return; }
+      need_go; mkdir -p "$dir"
+      log "building etcd $ETCD_VERSION from go.etcd.io/etcd/server/v3"
+      build_in_module "$dir/etcd" "go.etcd.io/etcd/server/v3" "" \
+        "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+      ;;
+    containerd)
+      dir="$cache/bin/containerd-$CONTAINERD_VERSION"
+      [ -x "$dir/containerd" ] && { echo "$dir"; return; }
+      need_go; mkdir -p "$dir"
+      log "building containerd $CONTAINERD_VERSION from github.com/containerd/containerd/v2"
+      CGO_ENABLED=0 GOFLAGS="$GOFLAGS -tags=no_btrfs,no_devmapper,no_zfs" \
+        build_in_module "$dir/containerd" "github.com/containerd/containerd/v2/cmd/containerd" "" \
+        "github.com/containerd/containerd/v2@$CONTAINERD_VERSION"
+      ;;
+    helm)
+      dir="$cache/bin/helm-$HELM_VERSION"
+      [ -x "$dir/helm" ] && { echo "$dir"; return; }
+      need_go; mkdir -p "$dir"
+      log "building helm $HELM_VERSION from helm.sh/helm/v3"
+      build_in_module "$dir/helm" "helm.sh/helm/v3/cmd/helm" "" "helm.sh/helm/v3@$HELM_VERSION"
+      ;;
+    crictl)
+      dir="$cache/bin/crictl-$CRICTL_VERSION"
+      [ -x "$dir/crictl" ] && { echo "$dir"; return; }
+      need_go; mkdir -p "$dir"
+      log "building crictl $CRICTL_VERSION from sigs.k8s.io/cri-tools"
+      build_in_module "$dir/crictl" "sigs.k8s.io/cri-tools/cmd/crictl" "" "sigs.k8s.io/cri-tools@$CRICTL_VERSION"
+      ;;
+    *) log "unknown tool '$name'"; exit 2 ;;
+  esac
+  echo "$dir"
+}
+
+path() {
+  local name=$1
+  if [ -n "${KUBEBUILDER_ASSETS:-}" ] && [ -x "$KUBEBUILDER_ASSETS/$name" ]; then
+    echo "$KUBEBUILDER_ASSETS"; return
+  fi
+  build "$name"
+}
+
+case ${1:-} in
+  all)  for t in etcd containerd kube-apiserver kubectl helm crictl; do path "$t" >/dev/null; done ;;
+  path) path "${2:?usage: tools.sh path NAME}" ;;
+  *) echo "usage: $0 all | path NAME" >&2; exit 2 ;;
+esac

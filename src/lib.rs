@@ -1,0 +1,13 @@
+//! imagegc: remove container images from Kubernetes nodes with the exact semantics of
+//! containerd's CRI `RemoveImage`, safer (pinned and in-use images are protected), batched
+//! (one garbage collection per batch) and crash-safe.
+//!
+//! Layout mirrors the architecture:
+//! - [`core`]: pure functions over plain data — reference grammar, platform selection,
+//!   the CRI view of a namespace, resolution and planning. No sockets, no clocks.
+//! - [`containerd`]: the thin gRPC shell that reads a namespace into the core's types and
+//!   executes a plan.
+#![forbid(unsafe_code)]
+
+pub mod containerd;
+pub mod core;
