@@ -9,5 +9,6 @@
 //!   executes a plan.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod containerd;
 pub mod core;

@@ -1,1 +1,69 @@
-fn main() {}
+//! The `imagegc` binary: one process, several roles.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use imagegc::cli::{self, Format, Target};
+
+#[derive(Parser)]
+#[command(
+    name = "imagegc",
+    version,
+    about = "Remove container images from Kubernetes nodes, safely"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the node's images grouped by ID: references, size, pinned, in use.
+    Images {
+        #[command(flatten)]
+        target: Target,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Format,
+    },
+    /// Remove images by ID, short ID or reference, with every reference, as CRI RemoveImage
+    /// does; pinned images are never removed and in-use images only with --force.
+    Rmi {
+        #[command(flatten)]
+        target: Target,
+        /// Print what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also remove images that containers use (pinned images are still kept).
+        #[arg(long)]
+        force: bool,
+        /// Image IDs, short IDs or references.
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Cli::parse();
+    let mut out = std::io::stdout().lock();
+    let result = match args.command {
+        Command::Images { target, output } => {
+            cli::images(&target, output, &mut out).await.map(|()| true)
+        }
+        Command::Rmi {
+            target,
+            dry_run,
+            force,
+            images,
+        } => cli::rmi(&target, images, force, dry_run, &mut out).await,
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("imagegc: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,1 +1,396 @@
-//! The containerd shell.
+//! The containerd shell: reads one namespace into the core's plain types and carries out a
+//! plan. Everything that decides lives in [`crate::core`]; this module only talks gRPC.
+
+mod execute;
+
+pub use execute::{Executed, execute};
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use containerd_client::services::v1::{
+    DeleteImageRequest, Image, ListContainersRequest, ListContentRequest, ListImagesRequest,
+    ReadContentRequest, UpdateImageRequest, containers_client::ContainersClient,
+    content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
+};
+use containerd_client::tonic::{
+    Code, Request, Status, metadata::MetadataValue, transport::Channel,
+};
+use serde::Deserialize;
+
+use crate::core::inventory::{ContainerRecord, ImageRecord, Inventory};
+use crate::core::manifest::{self, Descriptor, ManifestError, Selection};
+use crate::core::platform::Matcher;
+
+/// Where containerd listens on a stock node.
+pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
+/// The namespace the CRI plugin (and so Kubernetes) uses.
+pub const DEFAULT_NAMESPACE: &str = "k8s.io";
+
+/// CRI's container metadata extension, which names the image a container was created from.
+const CRI_CONTAINER_METADATA: &str = "io.cri-containerd.container.metadata";
+
+/// Errors talking to containerd, each naming the socket or object and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The socket file does not exist.
+    #[error(
+        "containerd socket {0} does not exist: is containerd running, and is this the right path (--socket)?"
+    )]
+    SocketMissing(PathBuf),
+    /// The socket exists but we may not connect.
+    #[error(
+        "permission denied on containerd socket {0}: run as root or as a user allowed to use it"
+    )]
+    PermissionDenied(PathBuf),
+    /// Connecting failed for another reason.
+    #[error("cannot connect to containerd at {socket}: {reason}")]
+    Connect {
+        /// The socket.
+        socket: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The namespace name is not valid for containerd.
+    #[error(
+        "invalid containerd namespace {0:?}: use letters, digits, '.', '_' and '-' (e.g. k8s.io)"
+    )]
+    InvalidNamespace(String),
+    /// A gRPC call failed.
+    #[error("containerd {op} failed: {status}")]
+    Call {
+        /// The operation, with its object.
+        op: String,
+        /// The gRPC status.
+        status: Box<Status>,
+    },
+}
+
+impl RuntimeError {
+    /// A stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            RuntimeError::SocketMissing(_) => "socket_missing",
+            RuntimeError::PermissionDenied(_) => "permission_denied",
+            RuntimeError::Connect { .. } => "connect",
+            RuntimeError::InvalidNamespace(_) => "invalid_namespace",
+            RuntimeError::Call { .. } => "call",
+        }
+    }
+}
+
+fn call_err(op: impl Into<String>) -> impl FnOnce(Status) -> RuntimeError {
+    let op = op.into();
+    move |status| RuntimeError::Call {
+        op,
+        status: Box::new(status),
+    }
+}
+
+/// A connection to one containerd namespace.
+#[derive(Clone)]
+pub struct Runtime {
+    channel: Channel,
+    namespace: MetadataValue<tonic::metadata::Ascii>,
+    namespace_name: String,
+    socket: PathBuf,
+}
+
+fn valid_namespace(ns: &str) -> bool {
+    // containerd's identifier grammar: alphanumeric runs joined by single '.', '_' or '-'.
+    !ns.is_empty()
+        && ns.len() <= 76
+        && ns
+            .split(['.', '_', '-'])
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+impl Runtime {
+    /// Connects to `socket` for `namespace`.
+    pub async fn connect(socket: &Path, namespace: &str) -> Result<Runtime, RuntimeError> {
+        if !valid_namespace(namespace) {
+            return Err(RuntimeError::InvalidNamespace(namespace.to_string()));
+        }
+        let namespace_value = namespace
+            .parse()
+            .map_err(|_| RuntimeError::InvalidNamespace(namespace.to_string()))?;
+        // Probe synchronously first: tonic reports every failure as "transport error".
+        if let Err(e) = std::os::unix::net::UnixStream::connect(socket) {
+            return Err(match e.kind() {
+                std::io::ErrorKind::NotFound => RuntimeError::SocketMissing(socket.into()),
+                std::io::ErrorKind::PermissionDenied => {
+                    RuntimeError::PermissionDenied(socket.into())
+                }
+                _ => RuntimeError::Connect {
+                    socket: socket.into(),
+                    reason: e.to_string(),
+                },
+            });
+        }
+        let channel =
+            containerd_client::connect(socket)
+                .await
+                .map_err(|e| RuntimeError::Connect {
+                    socket: socket.into(),
+                    reason: e.to_string(),
+                })?;
+        Ok(Runtime {
+            channel,
+            namespace: namespace_value,
+            namespace_name: namespace.to_string(),
+            socket: socket.into(),
+        })
+    }
+
+    /// The namespace this runtime acts in.
+    pub fn namespace(&self) -> &str {
+        &self.namespace_name
+    }
+
+    /// The socket this runtime is connected to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The shared channel (for other clients on the same socket, such as the CRI API).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    fn req<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut()
+            .insert("containerd-namespace", self.namespace.clone());
+        r
+    }
+
+    /// Every image record in the namespace.
+    pub async fn list_images(&self) -> Result<Vec<ImageRecord>, RuntimeError> {
+        let images = ImagesClient::new(self.channel.clone())
+            .list(self.req(ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(call_err("list images"))?
+            .into_inner()
+            .images;
+        Ok(images.into_iter().filter_map(image_record).collect())
+    }
+
+    /// Every container record in the namespace (running or not).
+    pub async fn list_containers(&self) -> Result<Vec<ContainerRecord>, RuntimeError> {
+        let containers = ContainersClient::new(self.channel.clone())
+            .list(self.req(ListContainersRequest { filters: vec![] }))
+            .await
+            .map_err(call_err("list containers"))?
+            .into_inner()
+            .containers;
+        Ok(containers
+            .into_iter()
+            .map(|c| ContainerRecord {
+                image_ref: c
+                    .extensions
+                    .get(CRI_CONTAINER_METADATA)
+                    .and_then(|any| cri_image_ref(&any.value)),
+                id: c.id,
+                image: c.image,
+            })
+            .collect())
+    }
+
+    /// The bytes of one content blob, or `None` if the namespace does not have it.
+    pub async fn read_blob(&self, digest: &str) -> Result<Option<Vec<u8>>, RuntimeError> {
+        let resp = ContentClient::new(self.channel.clone())
+            .read(self.req(ReadContentRequest {
+                digest: digest.to_string(),
+                offset: 0,
+                size: 0,
+            }))
+            .await;
+        let mut stream = match resp {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == Code::NotFound => return Ok(None),
+            Err(s) => return Err(call_err(format!("read content {digest}"))(s)),
+        };
+        let mut buf = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.data),
+                Ok(None) => return Ok(Some(buf)),
+                Err(s) if s.code() == Code::NotFound => return Ok(None),
+                Err(s) => return Err(call_err(format!("read content {digest}"))(s)),
+            }
+        }
+    }
+
+    /// Size of every content blob in the namespace, by digest.
+    pub async fn content_sizes(&self) -> Result<BTreeMap<String, i64>, RuntimeError> {
+        let mut stream = ContentClient::new(self.channel.clone())
+            .list(self.req(ListContentRequest { filters: vec![] }))
+            .await
+            .map_err(call_err("list content"))?
+            .into_inner();
+        let mut sizes = BTreeMap::new();
+        while let Some(resp) = stream.message().await.map_err(call_err("list content"))? {
+            for info in resp.info {
+                sizes.insert(info.digest, info.size);
+            }
+        }
+        Ok(sizes)
+    }
+
+    /// Reads the namespace into the CRI view for the platform `matcher` describes.
+    pub async fn inventory(&self, matcher: &Matcher) -> Result<Inventory, RuntimeError> {
+        let records = self.list_images().await?;
+        let containers = self.list_containers().await?;
+        let mut blobs: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut selections: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
+        for record in &records {
+            let result = loop {
+                match manifest::select(&record.target, &blobs, matcher) {
+                    Err(ManifestError::MissingBlob(digest)) => {
+                        match self.read_blob(&digest).await? {
+                            Some(bytes) => {
+                                blobs.insert(digest, bytes);
+                            }
+                            None => break Err(format!("content {digest} is missing")),
+                        }
+                    }
+                    other => break other.map_err(|e| e.to_string()),
+                }
+            };
+            selections.insert(record.name.clone(), result);
+        }
+        Ok(Inventory::build(&records, &selections, &containers))
+    }
+
+    /// Sets `key=value` on the image record `name` (other labels are kept).
+    pub async fn set_label(&self, name: &str, key: &str, value: &str) -> Result<(), RuntimeError> {
+        let image = Image {
+            name: name.to_string(),
+            labels: HashMap::from([(key.to_string(), value.to_string())]),
+            ..Default::default()
+        };
+        let mask = prost_types::FieldMask {
+            paths: vec![format!("labels.{key}")],
+        };
+        match ImagesClient::new(self.channel.clone())
+            .update(self.req(UpdateImageRequest {
+                image: Some(image),
+                update_mask: Some(mask),
+                source_date_epoch: None,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(call_err(format!("label image {name}"))(s)),
+        }
+    }
+
+    /// Deletes the image record `name`; with `sync`, waits for containerd's garbage collection
+    /// to free what the delete released. Returns whether the record existed (not found is
+    /// success: someone else removed it).
+    pub async fn delete_image(&self, name: &str, sync: bool) -> Result<bool, RuntimeError> {
+        match ImagesClient::new(self.channel.clone())
+            .delete(self.req(DeleteImageRequest {
+                name: name.to_string(),
+                sync,
+                target: None,
+            }))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(call_err(format!("delete image {name}"))(s)),
+        }
+    }
+
+    /// Runs containerd's garbage collection and waits for it, through a throw-away lease
+    /// deleted synchronously (for a batch whose last delete found nothing to delete).
+    pub async fn collect_garbage(&self) -> Result<(), RuntimeError> {
+        use containerd_client::services::v1::{CreateRequest, DeleteRequest};
+        let mut leases = LeasesClient::new(self.channel.clone());
+        let lease = leases
+            .create(self.req(CreateRequest {
+                id: String::new(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .map_err(call_err("create lease"))?
+            .into_inner()
+            .lease
+            .map(|l| l.id)
+            .unwrap_or_default();
+        leases
+            .delete(self.req(DeleteRequest {
+                id: lease,
+                sync: true,
+            }))
+            .await
+            .map_err(call_err("delete lease (garbage collection)"))?;
+        Ok(())
+    }
+}
+
+fn image_record(image: Image) -> Option<ImageRecord> {
+    let target = image.target?;
+    Some(ImageRecord {
+        name: image.name,
+        target: Descriptor {
+            media_type: target.media_type,
+            digest: target.digest,
+            size: target.size,
+            platform: None,
+            annotations: target.annotations.into_iter().collect(),
+        },
+        labels: image.labels.into_iter().collect(),
+    })
+}
+
+/// The `ImageRef` in CRI's container metadata extension (JSON
+/// `{"Version":"v1","Metadata":{"ImageRef":"sha256:…",…}}`).
+fn cri_image_ref(value: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        #[serde(rename = "Metadata")]
+        metadata: Meta,
+    }
+    #[derive(Deserialize)]
+    struct Meta {
+        #[serde(rename = "ImageRef", default)]
+        image_ref: String,
+    }
+    let v: Versioned = serde_json::from_slice(value).ok()?;
+    (!v.metadata.image_ref.is_empty()).then_some(v.metadata.image_ref)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces() {
+        for ok in ["k8s.io", "default", "moby", "a-b_c.d", "x1"] {
+            assert!(valid_namespace(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "k8s..io",
+            ".k8s",
+            "k8s.",
+            "a b",
+            "ü",
+            "a/b",
+            &"x".repeat(77),
+        ] {
+            assert!(!valid_namespace(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn image_ref_from_cri_metadata() {
+        let v = br#"{"Version":"v1","Metadata":{"ID":"c1","ImageRef":"sha256:abc"}}"#;
+        assert_eq!(cri_image_ref(v).as_deref(), Some("sha256:abc"));
+        assert_eq!(cri_image_ref(br#"{"Version":"v1","Metadata":{}}"#), None);
+        assert_eq!(cri_image_ref(b"not json"), None);
+    }
+}

@@ -1,1 +1,7 @@
-//! The pure core: plain data in, plain data out.
+//! The pure core: plain data in, plain data out. Nothing here touches a socket.
+pub mod inventory;
+pub mod manifest;
+pub mod plan;
+pub mod platform;
+pub mod reference;
+pub mod resolve;

@@ -1,1 +1,89 @@
-//! The real local test bed.
+//! The real local test bed for imagegc: N containerd daemons (one per simulated node, CRI
+//! plugin on the same socket), etcd + kube-apiserver on loopback with generated certificates,
+//! and a builder that makes OCI test images and imports them with no registry.
+//!
+//! Every process is started by this crate and stopped by it on every exit path (drop, panic,
+//! SIGINT/SIGTERM via [`process::install_signal_handler`], and the kernel's parent-death
+//! signal if the test process is SIGKILLed); every directory lives under
+//! [`process::base_dir`] and is removed likewise.
+
+pub mod cluster;
+pub mod containerd;
+pub mod image;
+pub mod process;
+pub mod tools;
+
+use anyhow::Result;
+
+pub use cluster::Cluster;
+pub use containerd::{Containerd, Flavor};
+pub use process::BedDir;
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Number of simulated nodes (containerd daemons), named `node-0`, `node-1`, ….
+    pub nodes: usize,
+    /// Which containerd the nodes run.
+    pub flavor: Flavor,
+    /// Whether to start etcd + kube-apiserver.
+    pub cluster: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 3,
+            flavor: Flavor::from_env(),
+            cluster: true,
+        }
+    }
+}
+
+/// A running bed. Dropping it stops every process and removes its directory.
+pub struct TestBed {
+    /// The simulated nodes' containerd daemons.
+    pub nodes: Vec<Containerd>,
+    /// The API server, if requested.
+    pub cluster: Option<Cluster>,
+    // Declared last so it is dropped after the processes that use it.
+    dir: BedDir,
+}
+
+impl TestBed {
+    /// Starts a bed as described by `opts`.
+    pub async fn start(opts: &Options) -> Result<TestBed> {
+        process::install_signal_handler();
+        let dir = BedDir::new()?;
+        let mut nodes = Vec::with_capacity(opts.nodes);
+        for i in 0..opts.nodes {
+            nodes.push(Containerd::start(
+                dir.path(),
+                &format!("node-{i}"),
+                opts.flavor,
+            )?);
+        }
+        let cluster = if opts.cluster {
+            Some(Cluster::start(dir.path()).await?)
+        } else {
+            None
+        };
+        Ok(TestBed {
+            nodes,
+            cluster,
+            dir,
+        })
+    }
+
+    /// The bed's directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The cluster, or an error saying the bed was started without one.
+    pub fn cluster(&self) -> Result<&Cluster> {
+        self.cluster
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this test bed was started without a cluster"))
+    }
+}

@@ -1,0 +1,200 @@
+//! The local commands an operator runs at a node's shell: `imagegc images` and `imagegc rmi`.
+//! They use the same engine as the agent, so what they print is what the agent would do.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::containerd::{self, Runtime, RuntimeError};
+use crate::core::inventory::Inventory;
+use crate::core::plan::{self, Outcome, Request};
+use crate::core::platform::{Matcher, Platform};
+
+/// Where to find containerd.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Target {
+    /// containerd's gRPC socket.
+    #[arg(long, env = "IMAGEGC_SOCKET", default_value = containerd::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// containerd namespace (the CRI plugin uses k8s.io).
+    #[arg(long, short = 'n', env = "IMAGEGC_NAMESPACE", default_value = containerd::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Platform whose manifest defines an image's ID, as os/arch[/variant] (default: this host).
+    #[arg(long, hide = true)]
+    pub platform: Option<Platform>,
+}
+
+impl Target {
+    fn matcher(&self) -> Matcher {
+        Matcher::only(self.platform.clone().unwrap_or_else(Platform::host))
+    }
+}
+
+/// Output format of `imagegc images`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+#[derive(Serialize)]
+struct ImageRow<'a> {
+    id: &'a str,
+    references: &'a [String],
+    size: i64,
+    pinned: bool,
+    in_use: bool,
+    used_by: &'a [String],
+}
+
+/// Human-readable bytes (binary units).
+pub fn human_bytes(n: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v.abs() >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+/// Renders an inventory as `imagegc images` prints it.
+pub fn render_images(inv: &Inventory, format: Format, out: &mut impl Write) -> std::io::Result<()> {
+    match format {
+        Format::Json => {
+            let rows: Vec<ImageRow<'_>> = inv
+                .images
+                .values()
+                .map(|i| ImageRow {
+                    id: &i.id,
+                    references: &i.references,
+                    size: i.size,
+                    pinned: i.pinned,
+                    in_use: !i.used_by.is_empty(),
+                    used_by: &i.used_by,
+                })
+                .collect();
+            serde_json::to_writer_pretty(&mut *out, &rows)?;
+            writeln!(out)
+        }
+        Format::Table => {
+            writeln!(
+                out,
+                "{:<14} {:>9}  {:<6}  {:<6}  REFERENCES",
+                "IMAGE ID", "SIZE", "PINNED", "IN USE"
+            )?;
+            for i in inv.images.values() {
+                let short = i.id.trim_start_matches("sha256:");
+                let refs: Vec<&str> = i
+                    .references
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|r| *r != i.id)
+                    .collect();
+                writeln!(
+                    out,
+                    "{:<14} {:>9}  {:<6}  {:<6}  {}",
+                    &short[..short.len().min(13)],
+                    human_bytes(i.size),
+                    if i.pinned { "yes" } else { "no" },
+                    if i.used_by.is_empty() { "no" } else { "yes" },
+                    if refs.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        refs.join(", ")
+                    }
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `imagegc images`.
+pub async fn images(target: &Target, format: Format, out: &mut impl Write) -> Result<(), CliError> {
+    let rt = Runtime::connect(&target.socket, &target.namespace).await?;
+    let inv = rt.inventory(&target.matcher()).await?;
+    if inv.images.is_empty() && matches!(format, Format::Table) {
+        writeln!(
+            out,
+            "no images in namespace {} at {}",
+            target.namespace,
+            target.socket.display()
+        )?;
+        return Ok(());
+    }
+    render_images(&inv, format, out)?;
+    Ok(())
+}
+
+/// `imagegc rmi`: prints one line per image; returns whether every image ended as asked
+/// (removed, or not present).
+pub async fn rmi(
+    target: &Target,
+    images: Vec<String>,
+    force: bool,
+    dry_run: bool,
+    out: &mut impl Write,
+) -> Result<bool, CliError> {
+    let rt = Runtime::connect(&target.socket, &target.namespace).await?;
+    let matcher = target.matcher();
+    let inv = rt.inventory(&matcher).await?;
+    let plan = plan::plan(&Request { images, force }, &inv);
+    let mut ok = true;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for item in &plan.items {
+        let line = match &item.outcome {
+            Outcome::Remove { .. } => format!("{verb} {}", item.outcome),
+            other => {
+                ok &= matches!(other, Outcome::NotPresent);
+                format!("{}: {other}", other.kind())
+            }
+        };
+        writeln!(out, "{}: {line}", item.input)?;
+    }
+    if !plan.resumed.is_empty() {
+        writeln!(
+            out,
+            "finishing an interrupted removal: {}",
+            plan.resumed.join(", ")
+        )?;
+    }
+    if dry_run {
+        writeln!(
+            out,
+            "dry run: {} record(s) would be deleted, nothing changed",
+            plan.deletes.len()
+        )?;
+        return Ok(ok);
+    }
+    let done = containerd::execute(&rt, plan, &matcher).await?;
+    if !done.deleted.is_empty() || !done.already_gone.is_empty() {
+        writeln!(
+            out,
+            "deleted {} record(s); {} of content freed; {} garbage collection(s)",
+            done.deleted.len(),
+            human_bytes(done.freed_bytes),
+            done.gc_runs
+        )?;
+    }
+    Ok(ok)
+}
+
+/// Errors of the local commands.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// containerd could not be reached or refused a call.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+}

@@ -1,0 +1,62 @@
+//! `testbed up [--nodes N] [--containerd v2|1.6] [--no-cluster] --env-file FILE`: starts a bed,
+//! writes shell exports describing it to FILE, and keeps it running until SIGINT/SIGTERM, then
+//! tears everything down (the bed's signal handler does it). `hack/testbed` wraps it as `up | down | env`.
+
+use anyhow::{Context, Result, bail};
+use testbed::{Flavor, Options, TestBed};
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("up") {
+        bail!("usage: testbed up [--nodes N] [--containerd v2|1.6] [--no-cluster] --env-file FILE");
+    }
+    let mut opts = Options::default();
+    let mut env_file = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--nodes" => opts.nodes = args.next().context("--nodes N")?.parse()?,
+            "--containerd" => {
+                opts.flavor = match args.next().as_deref() {
+                    Some("v2") => Flavor::V2,
+                    Some("1.6") => Flavor::Debian16,
+                    other => bail!("--containerd takes v2 or 1.6, not {other:?}"),
+                }
+            }
+            "--no-cluster" => opts.cluster = false,
+            "--env-file" => env_file = Some(args.next().context("--env-file FILE")?),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let env_file = env_file.context("--env-file FILE is required")?;
+    let bed = TestBed::start(&opts).await?;
+    let mut env = format!(
+        "export IMAGEGC_TESTBED_DIR_ACTIVE={}\n",
+        bed.dir().display()
+    );
+    for (i, n) in bed.nodes.iter().enumerate() {
+        env += &format!("export NODE{i}_SOCKET={}\n", n.socket.display());
+    }
+    env += &format!(
+        "export NODE_SOCKETS='{}'\n",
+        bed.nodes
+            .iter()
+            .map(|n| n.socket.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if let Some(c) = &bed.cluster {
+        env += &format!("export KUBECONFIG={}\n", c.admin_kubeconfig.display());
+        env += &format!("export KUBE_SERVER={}\n", c.server);
+    }
+    std::fs::write(&env_file, env)?;
+    eprintln!(
+        "testbed: up ({} nodes); exports in {env_file}",
+        bed.nodes.len()
+    );
+    // The bed's own SIGINT/SIGTERM handler stops every process and removes the bed
+    // directory, then exits; until then there is nothing to do but keep it running.
+    let _bed = bed;
+    std::future::pending::<()>().await;
+    Ok(())
+}

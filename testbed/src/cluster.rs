@@ -1,0 +1,405 @@
+//! etcd + kube-apiserver on loopback with generated certificates, an admin kubeconfig, and
+//! ServiceAccount tokens (TokenRequest) so a test can act with one account's RBAC only.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+use crate::process::{Proc, free_port};
+use crate::tools;
+
+/// A running etcd + kube-apiserver pair.
+pub struct Cluster {
+    /// `https://127.0.0.1:<port>`.
+    pub server: String,
+    /// Admin kubeconfig (client certificate in `system:masters`).
+    pub admin_kubeconfig: PathBuf,
+    dir: PathBuf,
+    ca_file: PathBuf,
+    etcd_url: String,
+    etcd_dir: PathBuf,
+    apiserver_args: Vec<String>,
+    apiserver: Option<Proc>,
+    etcd: Option<Proc>,
+}
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    admin_cert: PathBuf,
+    admin_key: PathBuf,
+    sa_key: PathBuf,
+    sa_pub: PathBuf,
+}
+
+fn write_pki(dir: &Path) -> Result<Pki> {
+    fs::create_dir_all(dir)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "imagegc-testbed-ca");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+
+    let mut server = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "kubernetes.default.svc".to_string(),
+    ])?;
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_key = KeyPair::generate()?;
+    let server_cert = server.signed_by(&server_key, &ca)?;
+
+    let mut admin = CertificateParams::new(Vec::<String>::new())?;
+    admin
+        .distinguished_name
+        .push(DnType::CommonName, "imagegc-testbed-admin");
+    admin
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
+    admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let admin_key = KeyPair::generate()?;
+    let admin_cert = admin.signed_by(&admin_key, &ca)?;
+
+    let sa = KeyPair::generate()?;
+    let pki = Pki {
+        ca: dir.join("ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+        admin_cert: dir.join("admin.crt"),
+        admin_key: dir.join("admin.key"),
+        sa_key: dir.join("sa.key"),
+        sa_pub: dir.join("sa.pub"),
+    };
+    fs::write(&pki.ca, ca.pem())?;
+    fs::write(&pki.server_cert, server_cert.pem())?;
+    fs::write(&pki.server_key, server_key.serialize_pem())?;
+    fs::write(&pki.admin_cert, admin_cert.pem())?;
+    fs::write(&pki.admin_key, admin_key.serialize_pem())?;
+    fs::write(&pki.sa_key, sa.serialize_pem())?;
+    fs::write(&pki.sa_pub, sa.public_key_pem())?;
+    Ok(pki)
+}
+
+/// Writes a kubeconfig for `server` trusting `ca`, authenticating with either a client
+/// certificate pair or a bearer token.
+pub fn write_kubeconfig(
+    path: &Path,
+    server: &str,
+    ca: &Path,
+    user: &KubeconfigUser<'_>,
+) -> Result<()> {
+    let user_yaml = match user {
+        KubeconfigUser::Cert { cert, key } => format!(
+            "    client-certificate: {}\n    client-key: {}\n",
+            cert.display(),
+            key.display()
+        ),
+        KubeconfigUser::Token(t) => format!("    token: {t}\n"),
+    };
+    let yaml = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: testbed\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: user\n  user:\n{user_yaml}contexts:\n- name: testbed\n  context:\n    cluster: testbed\n    user: user\ncurrent-context: testbed\n",
+        ca = ca.display()
+    );
+    fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))
+}
+
+/// How a kubeconfig authenticates.
+pub enum KubeconfigUser<'a> {
+    /// A client certificate and key file.
+    Cert {
+        /// Certificate PEM file.
+        cert: &'a Path,
+        /// Key PEM file.
+        key: &'a Path,
+    },
+    /// A bearer token.
+    Token(&'a str),
+}
+
+/// A client built from a kubeconfig file.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(path)?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+impl Cluster {
+    /// Starts etcd and kube-apiserver under `bed_dir/cluster` and waits for `/readyz`.
+    pub async fn start(bed_dir: &Path) -> Result<Cluster> {
+        let etcd_bin = tools::go_tool("etcd")?;
+        let apiserver_bin = tools::go_tool("kube-apiserver")?;
+        let dir = bed_dir.join("cluster");
+        let pki = write_pki(&dir.join("pki"))?;
+
+        let (client_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        let etcd_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let etcd_dir = dir.join("etcd");
+        let server = format!("https://127.0.0.1:{api_port}");
+        let apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--tls-cert-file={}", pki.server_cert.display()),
+            format!("--tls-private-key-file={}", pki.server_key.display()),
+            format!("--client-ca-file={}", pki.ca.display()),
+            format!("--service-account-key-file={}", pki.sa_pub.display()),
+            format!(
+                "--service-account-signing-key-file={}",
+                pki.sa_key.display()
+            ),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            "--service-cluster-ip-range=10.0.0.0/24".into(),
+            "--authorization-mode=RBAC".into(),
+            "--allow-privileged=true".into(),
+            "--profiling=false".into(),
+            format!("--cert-dir={}", dir.join("certs").display()),
+        ];
+        let admin_kubeconfig = dir.join("admin.kubeconfig");
+        write_kubeconfig(
+            &admin_kubeconfig,
+            &server,
+            &pki.ca,
+            &KubeconfigUser::Cert {
+                cert: &pki.admin_cert,
+                key: &pki.admin_key,
+            },
+        )?;
+        let etcd = Proc::spawn(
+            "etcd",
+            &etcd_bin,
+            &[
+                format!("--data-dir={}", etcd_dir.display()),
+                "--name=testbed".into(),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=testbed={peer_url}"),
+                // Test data only: skip fsync so the bed is fast on slow disks.
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+            &[],
+            bed_dir,
+            &dir.join("etcd.log"),
+        )?;
+        let mut cluster = Cluster {
+            server,
+            admin_kubeconfig,
+            ca_file: pki.ca,
+            dir,
+            etcd_url,
+            etcd_dir,
+            apiserver_args,
+            apiserver: None,
+            etcd: Some(etcd),
+        };
+        cluster.start_apiserver(&apiserver_bin)?;
+        cluster.wait_ready(Duration::from_secs(90)).await?;
+        Ok(cluster)
+    }
+
+    fn start_apiserver(&mut self, bin: &Path) -> Result<()> {
+        let bed_dir = self.dir.parent().unwrap_or(&self.dir).to_path_buf();
+        self.apiserver = Some(Proc::spawn(
+            "kube-apiserver",
+            bin,
+            &self.apiserver_args,
+            &[],
+            &bed_dir,
+            &self.dir.join("kube-apiserver.log"),
+        )?);
+        Ok(())
+    }
+
+    /// Waits until the API server answers `/readyz` with `ok`.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let client = self.admin_client().await?;
+        loop {
+            for (name, p) in [
+                ("etcd", &mut self.etcd),
+                ("kube-apiserver", &mut self.apiserver),
+            ] {
+                if let Some(p) = p
+                    && !p.is_running()
+                {
+                    bail!("{name} exited during start-up:\n{}", p.log_tail(30));
+                }
+            }
+            let req = http::Request::get("/readyz").body(Vec::new())?;
+            if let Ok(body) = client.request_text(req).await
+                && body.trim() == "ok"
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let tail = self
+                    .apiserver
+                    .as_ref()
+                    .map(|p| p.log_tail(30))
+                    .unwrap_or_default();
+                bail!("kube-apiserver not ready after {timeout:?}:\n{tail}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// SIGKILLs the API server and starts it again (fault injection); waits for readiness.
+    pub async fn restart_apiserver(&mut self) -> Result<()> {
+        if let Some(mut p) = self.apiserver.take() {
+            p.kill_hard();
+        }
+        self.start_apiserver(&tools::go_tool("kube-apiserver")?)?;
+        self.wait_ready(Duration::from_secs(90)).await
+    }
+
+    /// The etcd client URL.
+    pub fn etcd_url(&self) -> &str {
+        &self.etcd_url
+    }
+
+    /// etcd's data directory.
+    pub fn etcd_dir(&self) -> &Path {
+        &self.etcd_dir
+    }
+
+    /// The CA certificate the API server's serving certificate chains to.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// A cluster-admin client.
+    pub async fn admin_client(&self) -> Result<Client> {
+        client_from_kubeconfig(&self.admin_kubeconfig).await
+    }
+
+    /// Creates `namespace` and ServiceAccount `name` in it if missing.
+    pub async fn ensure_service_account(&self, namespace: &str, name: &str) -> Result<()> {
+        let client = self.admin_client().await?;
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        ignore_conflict(
+            Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &ns)
+                .await,
+        )?;
+        let sa = ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        ignore_conflict(
+            Api::<ServiceAccount>::namespaced(client, namespace)
+                .create(&PostParams::default(), &sa)
+                .await,
+        )?;
+        Ok(())
+    }
+
+    /// Issues a token for ServiceAccount `namespace/name` through the TokenRequest API,
+    /// optionally bound to a Pod (`(name, uid)`), in which case the API server adds the
+    /// pod's node name and UID as claims, as for a kubelet-mounted token.
+    pub async fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        bound_pod: Option<(&str, &str)>,
+    ) -> Result<String> {
+        let client = self.admin_client().await?;
+        let api = Api::<ServiceAccount>::namespaced(client, namespace);
+        let req = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: None,
+                expiration_seconds: Some(3600 * 24),
+                bound_object_ref: bound_pod.map(|(pod, uid)| BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(pod.into()),
+                    uid: Some(uid.into()),
+                }),
+            }),
+            ..Default::default()
+        };
+        let resp = api
+            .create_token_request(name, &PostParams::default(), &req)
+            .await
+            .with_context(|| format!("TokenRequest for {namespace}/{name}"))?;
+        resp.status
+            .and_then(|s| s.token)
+            .context("TokenRequest returned no status")
+    }
+
+    /// Writes a kubeconfig that authenticates with `token`; returns its path.
+    pub fn token_kubeconfig(&self, file_name: &str, token: &str) -> Result<PathBuf> {
+        let path = self.dir.join(file_name);
+        write_kubeconfig(
+            &path,
+            &self.server,
+            &self.ca_file,
+            &KubeconfigUser::Token(token),
+        )?;
+        Ok(path)
+    }
+
+    /// A client acting as ServiceAccount `namespace/name` (unbound token).
+    pub async fn service_account_client(&self, namespace: &str, name: &str) -> Result<Client> {
+        let token = self.service_account_token(namespace, name, None).await?;
+        let path = self.token_kubeconfig(&format!("sa-{namespace}-{name}.kubeconfig"), &token)?;
+        client_from_kubeconfig(&path).await
+    }
+
+    /// Stops the API server, then etcd.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.apiserver.take() {
+            p.stop(Duration::from_secs(10));
+        }
+        if let Some(mut p) = self.etcd.take() {
+            p.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn ignore_conflict<T>(r: Result<T, kube::Error>) -> Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

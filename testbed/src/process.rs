@@ -1,0 +1,306 @@
+//! Processes owned by the test bed: spawned so they cannot outlive the test process, and
+//! stopped (SIGTERM, then SIGKILL) on every exit path.
+//!
+//! - Every child runs under `setpriv --pdeathsig KILL`, so the kernel kills it if the process
+//!   that spawned it dies, even by SIGKILL. Children are spawned from one long-lived thread
+//!   because the death signal fires when the spawning *thread* exits.
+//! - Every child and every bed directory is registered; [`install_signal_handler`] makes
+//!   SIGINT/SIGTERM stop them all and remove the directories before exiting.
+//! - [`sweep_stale`] removes directories left by a bed whose owner died (SIGKILL), after killing
+//!   the processes it recorded, identified by PID and by their command line naming that dir.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Root under which every bed makes its directory (`<pid>-<random>`).
+pub fn base_dir() -> PathBuf {
+    std::env::var_os("IMAGEGC_TESTBED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("imagegc-testbed"))
+}
+
+#[derive(Default)]
+struct Registry {
+    pids: BTreeMap<u32, String>,
+    dirs: Vec<PathBuf>,
+}
+
+fn registry() -> &'static Mutex<Registry> {
+    static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Registry> {
+    registry().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records a directory to remove when the process is interrupted.
+pub fn register_dir(dir: &Path) {
+    lock().dirs.push(dir.to_path_buf());
+}
+
+/// Forgets a directory that its owner removed itself.
+pub fn unregister_dir(dir: &Path) {
+    lock().dirs.retain(|d| d != dir);
+}
+
+/// Installs a SIGINT/SIGTERM handler that stops every registered process and removes every
+/// registered directory, then exits with 130. Safe to call more than once.
+pub fn install_signal_handler() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = ctrlc::set_handler(|| {
+            eprintln!("testbed: interrupted, stopping test processes");
+            cleanup_all();
+            std::process::exit(130);
+        });
+    });
+}
+
+/// Stops every registered process and removes every registered directory.
+pub fn cleanup_all() {
+    let (pids, dirs) = {
+        let mut r = lock();
+        (std::mem::take(&mut r.pids), std::mem::take(&mut r.dirs))
+    };
+    for pid in pids.keys() {
+        let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for pid in pids.keys() {
+        while alive(*pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if alive(*pid) {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+    }
+    for dir in dirs {
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry; its state letter is 'Z'.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+type SpawnJob = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+fn spawner() -> &'static Mutex<mpsc::Sender<SpawnJob>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("testbed-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .map_err(|e| eprintln!("testbed: cannot start spawner thread: {e}"))
+            .ok();
+        Mutex::new(tx)
+    })
+}
+
+/// A running child process owned by the bed. Dropping it stops the process.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `program args` with stdout and stderr appended to `log`, in the bed directory
+    /// `dir` (recorded in `dir/pids` for the stale sweep).
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+        dir: &Path,
+        log: &Path,
+    ) -> Result<Proc> {
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening log {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new("setpriv");
+        cmd.arg("--pdeathsig")
+            .arg("KILL")
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let (tx, rx) = mpsc::channel();
+        spawner()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((cmd, tx))
+            .map_err(|_| anyhow!("testbed spawner thread is gone"))?;
+        let child = rx
+            .recv()
+            .map_err(|_| anyhow!("testbed spawner thread is gone"))?
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        let pid = child.id();
+        lock().pids.insert(pid, name.to_string());
+        let mut pids = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("pids"))?;
+        std::io::Write::write_all(&mut pids, format!("{pid}\n").as_bytes())?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The last `n` lines of the process's log, for error messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Sends SIGKILL and reaps the process (for fault-injection tests).
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        lock().pids.remove(&self.child.id());
+    }
+
+    /// Sends SIGTERM, waits up to `grace`, then SIGKILL; reaps the process.
+    pub fn stop(&mut self, grace: Duration) {
+        let pid = self.child.id();
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            if matches!(self.child.try_wait(), Ok(None)) {
+                eprintln!("testbed: {} did not stop in {grace:?}; killing", self.name);
+                let _ = self.child.kill();
+            }
+        }
+        let _ = self.child.wait();
+        lock().pids.remove(&pid);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// Removes bed directories whose owning process is gone, first killing the processes they
+/// recorded (only if that PID's command line still names the directory, so a reused PID is
+/// never touched).
+pub fn sweep_stale() {
+    let Ok(entries) = fs::read_dir(base_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let owner = entry
+            .file_name()
+            .to_string_lossy()
+            .split('-')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        if owner.is_some_and(alive) {
+            continue;
+        }
+        let dir_str = dir.to_string_lossy().to_string();
+        if let Ok(pids) = fs::read_to_string(dir.join("pids")) {
+            for pid in pids.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&dir_str) {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// A fresh directory for one bed, removed on drop and on interruption.
+pub struct BedDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl BedDir {
+    /// Creates `<base>/<pid>-<random>`. Set `IMAGEGC_TESTBED_KEEP=1` to keep it for debugging.
+    pub fn new() -> Result<BedDir> {
+        sweep_stale();
+        let base = base_dir();
+        fs::create_dir_all(&base)?;
+        let path = base.join(format!(
+            "{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        register_dir(&path);
+        Ok(BedDir {
+            path,
+            keep: std::env::var_os("IMAGEGC_TESTBED_KEEP").is_some(),
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BedDir {
+    fn drop(&mut self) {
+        unregister_dir(&self.path);
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; callers retry on the rare collision).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
