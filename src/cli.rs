@@ -136,7 +136,8 @@ pub async fn images(target: &Target, format: Format, out: &mut impl Write) -> Re
 }
 
 /// `imagegc rmi`: prints one line per image; returns whether every image ended as asked
-/// (removed, or not present).
+/// (removed, or not present). If any string is invalid or ambiguous, nothing at all is removed:
+/// a typo in a batch must not half-run it.
 pub async fn rmi(
     target: &Target,
     images: Vec<String>,
@@ -159,6 +160,13 @@ pub async fn rmi(
             }
         };
         writeln!(out, "{}: {line}", item.input)?;
+    }
+    if plan.items.iter().any(|i| i.outcome.is_failure()) {
+        writeln!(
+            out,
+            "nothing removed: fix the invalid or ambiguous image(s) above and run again"
+        )?;
+        return Ok(false);
     }
     if !plan.resumed.is_empty() {
         writeln!(

@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::{
-    DeleteImageRequest, Image, ListContainersRequest, ListContentRequest, ListImagesRequest,
-    ReadContentRequest, UpdateImageRequest, containers_client::ContainersClient,
+    DeleteImageRequest, GetImageRequest, Image, ListContainersRequest, ListContentRequest,
+    ListImagesRequest, ReadContentRequest, UpdateImageRequest, containers_client::ContainersClient,
     content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
 };
 use containerd_client::tonic::{
@@ -262,11 +262,28 @@ impl Runtime {
         Ok(Inventory::build(&records, &selections, &containers))
     }
 
-    /// Sets `key=value` on the image record `name` (other labels are kept).
+    /// Sets `key=value` on the image record `name` (other labels are kept). A record that is
+    /// already gone is not an error.
     pub async fn set_label(&self, name: &str, key: &str, value: &str) -> Result<(), RuntimeError> {
+        // containerd dereferences the request's target even when the mask names only a label
+        // (a request without one crashes some versions), so send the record's own target.
+        let current = match ImagesClient::new(self.channel.clone())
+            .get(self.req(GetImageRequest {
+                name: name.to_string(),
+            }))
+            .await
+        {
+            Ok(resp) => resp.into_inner().image,
+            Err(s) if s.code() == Code::NotFound => return Ok(()),
+            Err(s) => return Err(call_err(format!("get image {name}"))(s)),
+        };
+        let Some(current) = current else {
+            return Ok(());
+        };
         let image = Image {
             name: name.to_string(),
             labels: HashMap::from([(key.to_string(), value.to_string())]),
+            target: current.target,
             ..Default::default()
         };
         let mask = prost_types::FieldMask {

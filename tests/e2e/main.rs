@@ -1,1 +1,16 @@
-fn main() {}
+//! The end-to-end suite: real containerd daemons (2.x and Debian's 1.6), a real kube-apiserver
+//! with etcd, and the `imagegc` binary. One test binary, so it is linked once.
+//!
+//! Run a subset with `make e2e ARGS=removal::differential`.
+
+mod removal;
+mod support;
+
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    let mut trials = Vec::new();
+    trials.extend(removal::trials());
+    let conclusion = libtest_mimic::run(&args, trials);
+    testbed::process::cleanup_all();
+    conclusion.exit();
+}

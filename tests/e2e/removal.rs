@@ -1,0 +1,521 @@
+//! Removal, judged against containerd's own CRI `RemoveImage`: for each scenario two nodes get
+//! identical states; imagegc removes on one, CRI on the other, and the remaining image records
+//! and content blobs must be identical. Then the deliberate differences, each with its own test:
+//! pinned images are never removed, images in use only with force, bad input touches nothing,
+//! and an interrupted removal is finished by the next run.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, ensure};
+use imagegc::containerd::{self, Runtime};
+use imagegc::core::inventory::PENDING_LABEL;
+use imagegc::core::plan::{self, Request};
+use imagegc::core::platform::{Matcher, Platform};
+use libtest_mimic::Trial;
+use testbed::Flavor;
+use testbed::image::{self, BuiltImage, ImageBuilder};
+
+use crate::support::{self, FLAVORS, NS, import, import_labelled, nodes, state, trial};
+
+/// One image to put on both nodes.
+struct Import {
+    namespace: &'static str,
+    image: BuiltImage,
+    names: Vec<String>,
+}
+
+/// A scenario: what the nodes hold, what is asked to be removed, and the outcome imagegc must
+/// report for each requested string.
+struct Scenario {
+    imports: Vec<Import>,
+    remove: Vec<String>,
+    expect: Vec<&'static str>,
+}
+
+fn imp(image: &BuiltImage, names: &[&str]) -> Import {
+    Import {
+        namespace: NS,
+        image: image.clone(),
+        names: support::strings(names),
+    }
+}
+
+fn short(id: &str, n: usize) -> String {
+    id.trim_start_matches("sha256:")[..n].to_string()
+}
+
+/// An image record pointing at `img`'s manifest for this host instead of its index.
+fn platform_manifest(img: &BuiltImage) -> BuiltImage {
+    let digest = &img.manifest_digests[&image::host_platform()];
+    let mut m = img.clone();
+    m.target = img
+        .blobs
+        .iter()
+        .find(|b| &b.digest == digest)
+        .expect("manifest blob")
+        .descriptor();
+    m
+}
+
+/// Two images whose IDs share their first two hex digits.
+fn colliding_pair() -> (BuiltImage, BuiltImage) {
+    let mut by_prefix: BTreeMap<String, BuiltImage> = BTreeMap::new();
+    for i in 0.. {
+        let img = ImageBuilder::new("prefix")
+            .config_label("n", i.to_string())
+            .build();
+        let p = short(&img.id(), 2);
+        if let Some(other) = by_prefix.remove(&p) {
+            return (other, img);
+        }
+        by_prefix.insert(p, img);
+    }
+    unreachable!()
+}
+
+fn scenarios() -> Vec<(&'static str, Scenario)> {
+    let a = ImageBuilder::new("a").layer_sizes(&[4096, 2048]).build();
+    let b = ImageBuilder::new("b").build();
+    let keep = ImageBuilder::new("keep").build();
+    let multi = ImageBuilder::new("multi")
+        .platforms(&[
+            image::host_platform().as_str(),
+            "linux/arm64",
+            "linux/arm/v7",
+        ])
+        .build();
+    let docker = ImageBuilder::new("docker").docker().build();
+    let base_a = ImageBuilder::new("sa")
+        .shared_base("base", 8192)
+        .layer_sizes(&[1000])
+        .build();
+    let base_b = ImageBuilder::new("sb")
+        .shared_base("base", 8192)
+        .layer_sizes(&[2000])
+        .build();
+    let (p1, p2) = colliding_pair();
+    let a_digest_ref = format!(
+        "docker.io/library/a@{}",
+        a.manifest_digests[&image::host_platform()]
+    );
+    let multi_digest_ref = format!(
+        "docker.io/library/multi@{}",
+        multi.manifest_digests[&image::host_platform()]
+    );
+    let s = support::strings;
+    vec![
+        (
+            "one_tag",
+            Scenario {
+                imports: vec![
+                    imp(&a, &["docker.io/library/a:1"]),
+                    imp(&keep, &["docker.io/library/keep:1"]),
+                ],
+                remove: s(&["docker.io/library/a:1"]),
+                expect: vec!["Removed"],
+            },
+        ),
+        (
+            "several_tags_of_one_image",
+            Scenario {
+                imports: vec![
+                    imp(
+                        &a,
+                        &[
+                            "docker.io/library/a:1",
+                            "docker.io/library/a:2",
+                            "quay.io/x/a:latest",
+                        ],
+                    ),
+                    imp(&keep, &["docker.io/library/keep:1"]),
+                ],
+                remove: s(&["a:2"]),
+                expect: vec!["Removed"],
+            },
+        ),
+        (
+            "tag_digest_reference_and_id_by_digest",
+            Scenario {
+                imports: vec![
+                    imp(&a, &["docker.io/library/a:1", &a_digest_ref]),
+                    imp(&keep, &["docker.io/library/keep:1"]),
+                ],
+                remove: vec![a_digest_ref.clone()],
+                expect: vec!["Removed"],
+            },
+        ),
+        (
+            "multi_arch_index_and_platform_digest_name",
+            Scenario {
+                imports: vec![
+                    imp(&multi, &["docker.io/library/multi:1"]),
+                    Import {
+                        namespace: NS,
+                        image: platform_manifest(&multi),
+                        names: vec![multi_digest_ref.clone()],
+                    },
+                    imp(&keep, &["docker.io/library/keep:1"]),
+                ],
+                remove: s(&["multi:1"]),
+                expect: vec!["Removed"],
+            },
+        ),
+        (
+            "full_id",
+            Scenario {
+                imports: vec![
+                    imp(&a, &["docker.io/library/a:1", "docker.io/library/a:2"]),
+                    imp(&keep, &["docker.io/library/keep:1"]),
+                ],
+                remove: vec![a.id()],
+                expect: vec!["Removed"],
+            },
+        ),
+        (
+            "short_id",
+            Scenario {
+                imports: vec![
+                    imp(&a, &["docker.io/library/a:1"]),
+                    imp(&keep, &["docker.io/library/keep:1"]),
+                ],
+                remove: vec![short(&a.id(), 12)],
+                expect: vec!["Removed"],
+            },
+        ),
+        (
+            "ambiguous_short_id",
+            Scenario {
+                imports: vec![
+                    imp(&p1, &["docker.io/library/p:1"]),
+                    imp(&p2, &["docker.io/library/p:2"]),
+                ],
+                remove: vec![short(&p1.id(), 2)],
+                expect: vec!["Ambiguous"],
+            },
+        ),
+        (
+            "bare_name",
+            Scenario {
+                imports: vec![
+                    imp(&a, &["docker.io/library/nginx:latest"]),
+                    imp(&keep, &["docker.io/library/nginx:1.27"]),
+                ],
+                remove: s(&["nginx"]),
+                expect: vec!["Removed"],
+            },
+        ),
+        (
+            "docker_hub_spellings",
+            Scenario {
+                imports: vec![
+                    imp(&a, &["docker.io/library/redis:7"]),
+                    imp(&b, &["docker.io/acme/tool:latest"]),
+                    imp(&keep, &["docker.io/library/keep:1"]),
+                ],
+                remove: s(&["index.docker.io/library/redis:7", "acme/tool"]),
+                expect: vec!["Removed", "Removed"],
+            },
+        ),
+        (
+            "absent_image",
+            Scenario {
+                imports: vec![imp(&keep, &["docker.io/library/keep:1"])],
+                remove: vec!["docker.io/library/absent:1".into(), a.id()],
+                expect: vec!["NotPresent", "NotPresent"],
+            },
+        ),
+        (
+            "image_only_in_another_namespace",
+            Scenario {
+                imports: vec![
+                    Import {
+                        namespace: "other",
+                        image: a.clone(),
+                        names: s(&["docker.io/library/a:1"]),
+                    },
+                    imp(&keep, &["docker.io/library/keep:1"]),
+                ],
+                remove: vec!["docker.io/library/a:1".into(), a.id()],
+                expect: vec!["NotPresent", "NotPresent"],
+            },
+        ),
+        (
+            "several_images_in_one_call",
+            Scenario {
+                imports: vec![
+                    imp(&a, &["docker.io/library/a:1"]),
+                    imp(&b, &["docker.io/library/b:1", "docker.io/library/b:2"]),
+                    imp(&docker, &["docker.io/library/docker:1"]),
+                    imp(&keep, &["docker.io/library/keep:1"]),
+                ],
+                remove: vec!["a:1".into(), b.id(), "docker.io/library/docker:1".into()],
+                expect: vec!["Removed", "Removed", "Removed"],
+            },
+        ),
+        (
+            "images_sharing_layers",
+            Scenario {
+                imports: vec![
+                    imp(&base_a, &["docker.io/library/sa:1"]),
+                    imp(&base_b, &["docker.io/library/sb:1"]),
+                ],
+                remove: s(&["sa:1"]),
+                expect: vec!["Removed"],
+            },
+        ),
+    ]
+}
+
+/// Puts `scenario`'s images on `socket` and waits until the CRI plugin has adopted them.
+async fn setup(socket: &Path, scenario: &Scenario) -> Result<()> {
+    let mut ids = Vec::new();
+    let mut refs: Vec<&str> = Vec::new();
+    for i in &scenario.imports {
+        image::import(socket, i.namespace, &i.image, &i.names, &Default::default()).await?;
+        if i.namespace == NS {
+            ids.push(i.image.id());
+            refs.extend(i.names.iter().map(String::as_str));
+        }
+    }
+    support::wait_cri_synced(socket, &ids, &refs).await
+}
+
+/// Removes `images` from `socket` through the library, as `imagegc rmi` does.
+pub async fn remove(socket: &Path, images: &[String], force: bool) -> Result<Vec<&'static str>> {
+    let rt = Runtime::connect(socket, NS).await?;
+    let matcher = Matcher::only(Platform::host());
+    let inv = rt.inventory(&matcher).await?;
+    let plan = plan::plan(
+        &Request {
+            images: images.to_vec(),
+            force,
+        },
+        &inv,
+    );
+    let kinds = plan.items.iter().map(|i| i.outcome.kind()).collect();
+    containerd::execute(&rt, plan, &matcher).await?;
+    Ok(kinds)
+}
+
+async fn differential(flavor: Flavor, scenario: Scenario) -> Result<()> {
+    let bed = nodes(flavor, 2).await?;
+    let (ours, oracle) = (&bed.nodes[0].socket, &bed.nodes[1].socket);
+    setup(ours, &scenario).await?;
+    setup(oracle, &scenario).await?;
+    let namespaces = [NS, "other"];
+    let before = state(ours, &namespaces).await?;
+    ensure!(
+        before == state(oracle, &namespaces).await?,
+        "the two nodes differ before removal"
+    );
+
+    let kinds = remove(ours, &scenario.remove, false).await?;
+    ensure!(
+        kinds == scenario.expect,
+        "imagegc reported {kinds:?}, expected {:?}",
+        scenario.expect
+    );
+    for image in &scenario.remove {
+        // CRI's errors (an ambiguous short ID) are part of its behaviour; only state counts.
+        let _ = support::cri_remove(oracle, image).await?;
+    }
+
+    let ours_after = state(ours, &namespaces).await?;
+    let oracle_after = state(oracle, &namespaces).await?;
+    ensure!(
+        ours_after == oracle_after,
+        "imagegc and CRI RemoveImage left different states\n imagegc: {ours_after:#?}\n     CRI: {oracle_after:#?}"
+    );
+    let removed_something = scenario.expect.contains(&"Removed");
+    ensure!(
+        removed_something == (ours_after != before),
+        "state changed: {}, but outcomes were {kinds:?}",
+        ours_after != before
+    );
+    Ok(())
+}
+
+/// `imagegc rmi` against `socket`; returns (exit code, stdout).
+fn rmi(socket: &Path, args: &[&str]) -> Result<(i32, String)> {
+    let socket = socket.to_str().context("socket path")?;
+    let mut all = vec!["rmi", "--socket", socket];
+    all.extend_from_slice(args);
+    let (code, out, err) = support::imagegc(&all)?;
+    ensure!(err.is_empty() || code == 2, "unexpected stderr: {err}");
+    Ok((code, out))
+}
+
+async fn pinned_is_never_removed(flavor: Flavor) -> Result<()> {
+    let bed = nodes(flavor, 1).await?;
+    let socket = &bed.nodes[0].socket;
+    let pause = ImageBuilder::new("pause").build();
+    import_labelled(
+        socket,
+        &pause,
+        &["registry.k8s.io/pause:3.10"],
+        &[("io.cri-containerd.pinned", "pinned")],
+    )
+    .await?;
+    support::wait_cri_synced(socket, &[pause.id()], &["registry.k8s.io/pause:3.10"]).await?;
+    let before = state(socket, &[NS]).await?;
+    for args in [
+        &["registry.k8s.io/pause:3.10"][..],
+        &["--force", "registry.k8s.io/pause:3.10"],
+        &["--force", &pause.id()],
+    ] {
+        let (code, out) = rmi(socket, args)?;
+        ensure!(code == 1, "exit {code} for {args:?}: {out}");
+        ensure!(
+            out.contains("Pinned") && out.contains("never removed"),
+            "{out}"
+        );
+    }
+    ensure!(
+        before == state(socket, &[NS]).await?,
+        "a pinned image's records or content changed"
+    );
+    Ok(())
+}
+
+async fn in_use_is_kept_unless_forced(flavor: Flavor) -> Result<()> {
+    let bed = nodes(flavor, 1).await?;
+    let socket = &bed.nodes[0].socket;
+    let app = ImageBuilder::new("app").build();
+    let web = ImageBuilder::new("web").build();
+    import(socket, &app, &["docker.io/library/app:1"]).await?;
+    import(socket, &web, &["docker.io/library/web:1"]).await?;
+    support::wait_cri_synced(socket, &[app.id(), web.id()], &[]).await?;
+    // One container created by the CRI (metadata names the image ID), one by another client
+    // (only the image name).
+    image::create_container(
+        socket,
+        NS,
+        "cri-made",
+        "docker.io/library/app:1",
+        Some(&app.id()),
+    )
+    .await?;
+    image::create_container(socket, NS, "plain", "web:1", None).await?;
+    let before = state(socket, &[NS]).await?;
+    let (code, out) = rmi(socket, &["app:1", "docker.io/library/web:1"])?;
+    ensure!(code == 1, "exit {code}: {out}");
+    ensure!(out.matches("InUse").count() == 2, "{out}");
+    ensure!(out.contains("cri-made") && out.contains("plain"), "{out}");
+    ensure!(
+        before == state(socket, &[NS]).await?,
+        "an in-use image changed"
+    );
+
+    let (code, out) = rmi(socket, &["--force", "app:1", "web:1"])?;
+    ensure!(code == 0, "exit {code}: {out}");
+    let left = image::image_names(socket, NS).await?;
+    ensure!(
+        left.is_empty(),
+        "records left after a forced removal: {left:?}"
+    );
+    Ok(())
+}
+
+async fn bad_input_changes_nothing(flavor: Flavor) -> Result<()> {
+    let bed = nodes(flavor, 1).await?;
+    let socket = &bed.nodes[0].socket;
+    let (p1, p2) = colliding_pair();
+    import(socket, &p1, &["docker.io/library/p:1"]).await?;
+    import(socket, &p2, &["docker.io/library/p:2"]).await?;
+    support::wait_cri_synced(socket, &[p1.id(), p2.id()], &["docker.io/library/p:1"]).await?;
+    let before = state(socket, &[NS]).await?;
+    let upper = p1.id().to_uppercase().replace("SHA256", "sha256");
+    let ambiguous = short(&p1.id(), 2);
+    for bad in [
+        "",
+        "p:*",
+        "docker.io/Library/p:1",
+        upper.as_str(),
+        "foo:",
+        ambiguous.as_str(),
+    ] {
+        // A valid request next to the bad one: the whole batch is refused.
+        let (code, out) = rmi(socket, &["p:2", bad])?;
+        ensure!(code == 1, "exit {code} for {bad:?}: {out}");
+        ensure!(
+            out.contains("nothing removed"),
+            "no refusal for {bad:?}: {out}"
+        );
+        ensure!(
+            before == state(socket, &[NS]).await?,
+            "{bad:?} changed the node"
+        );
+    }
+    Ok(())
+}
+
+/// An interrupted removal (records marked, some deleted, then the process died) is finished by
+/// the next run, whatever it was asked; the end state equals a clean CRI removal.
+async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
+    let bed = nodes(flavor, 2).await?;
+    let (ours, oracle) = (&bed.nodes[0].socket, &bed.nodes[1].socket);
+    let a = ImageBuilder::new("a").layer_sizes(&[10_000]).build();
+    let keep = ImageBuilder::new("keep").build();
+    let names = [
+        "docker.io/library/a:1",
+        "docker.io/library/a:2",
+        "docker.io/library/a:3",
+    ];
+    for socket in [ours, oracle] {
+        import(socket, &a, &names).await?;
+        import(socket, &keep, &["docker.io/library/keep:1"]).await?;
+        support::wait_cri_synced(socket, &[a.id(), keep.id()], &names).await?;
+    }
+    // The first half of a run: every record marked, then only the ID record and one name
+    // deleted before the "crash".
+    let rt = Runtime::connect(ours, NS).await?;
+    let inv = rt.inventory(&Matcher::only(Platform::host())).await?;
+    let refs = inv.images[&a.id()].references.clone();
+    for r in &refs {
+        rt.set_label(r, PENDING_LABEL, "true").await?;
+    }
+    rt.delete_image(&a.id(), false).await?;
+    rt.delete_image(names[0], false).await?;
+
+    let (code, out) = rmi(ours, &["docker.io/library/absent:1"])?;
+    ensure!(code == 0, "exit {code}: {out}");
+    ensure!(out.contains("finishing an interrupted removal"), "{out}");
+    let _ = support::cri_remove(oracle, names[0]).await?;
+    let (o, c) = (state(ours, &[NS]).await?, state(oracle, &[NS]).await?);
+    ensure!(
+        o == c,
+        "resumed removal differs from CRI's\n imagegc: {o:#?}\n     CRI: {c:#?}"
+    );
+    Ok(())
+}
+
+pub fn trials() -> Vec<Trial> {
+    let mut out = Vec::new();
+    for flavor in FLAVORS {
+        let f = flavor.label();
+        for (name, scenario) in scenarios() {
+            out.push(trial(
+                format!("removal::differential::{f}::{name}"),
+                move || differential(flavor, scenario),
+            ));
+        }
+        out.push(trial(
+            format!("removal::{f}::pinned_is_never_removed"),
+            move || pinned_is_never_removed(flavor),
+        ));
+        out.push(trial(
+            format!("removal::{f}::in_use_is_kept_unless_forced"),
+            move || in_use_is_kept_unless_forced(flavor),
+        ));
+        out.push(trial(
+            format!("removal::{f}::bad_input_changes_nothing"),
+            move || bad_input_changes_nothing(flavor),
+        ));
+        out.push(trial(
+            format!("removal::{f}::interrupted_removal_is_finished"),
+            move || interrupted_removal_is_finished(flavor),
+        ));
+    }
+    out
+}
