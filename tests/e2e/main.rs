@@ -3,12 +3,14 @@
 //!
 //! Run a subset with `make e2e ARGS=removal::differential`.
 
+mod bed;
 mod removal;
 mod support;
 
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let mut trials = Vec::new();
+    trials.extend(bed::trials());
     trials.extend(removal::trials());
     let conclusion = libtest_mimic::run(&args, trials);
     testbed::process::cleanup_all();
