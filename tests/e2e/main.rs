@@ -4,6 +4,7 @@
 //! Run a subset with `make e2e ARGS=removal::differential`.
 
 mod bed;
+mod cli;
 mod removal;
 mod support;
 
@@ -11,6 +12,7 @@ fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let mut trials = Vec::new();
     trials.extend(bed::trials());
+    trials.extend(cli::trials());
     trials.extend(removal::trials());
     let conclusion = libtest_mimic::run(&args, trials);
     testbed::process::cleanup_all();
