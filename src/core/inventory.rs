@@ -195,3 +195,358 @@ fn selection_digests(s: &Selection) -> impl Iterator<Item = String> + '_ {
         .chain(s.layers.iter())
         .map(|d| d.digest.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::manifest::{MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST};
+
+    const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    const LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    /// A base layer both fixture images share.
+    const BASE: u64 = 0xba5e;
+
+    fn digest(n: u64) -> String {
+        format!("sha256:{n:064x}")
+    }
+
+    fn desc(media_type: &str, n: u64, size: i64) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest: digest(n),
+            size,
+            ..Descriptor::default()
+        }
+    }
+
+    /// A single-platform image: manifest (500 bytes), config (100 bytes, the image ID) and
+    /// 1000-byte layers.
+    fn selection(manifest: u64, config: u64, layers: &[u64]) -> Selection {
+        Selection {
+            manifest: desc(MEDIA_TYPE_OCI_MANIFEST, manifest, 500),
+            config: desc(CONFIG, config, 100),
+            layers: layers.iter().map(|&n| desc(LAYER, n, 1000)).collect(),
+            indexes: Vec::new(),
+        }
+    }
+
+    fn nginx() -> Selection {
+        selection(0x11, 0xc1, &[BASE, 0x1a])
+    }
+
+    fn redis() -> Selection {
+        selection(0x12, 0xc2, &[BASE, 0x2a])
+    }
+
+    fn record(name: &str, s: &Selection, labels: &[(&str, &str)]) -> ImageRecord {
+        ImageRecord {
+            name: name.into(),
+            target: s.indexes.first().unwrap_or(&s.manifest).clone(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    type SelectionMap = BTreeMap<String, Result<Selection, String>>;
+    type Labels<'a> = &'a [(&'a str, &'a str)];
+
+    /// Records named as given, each targeting its selection's root.
+    fn records(list: &[(&str, &Selection, Labels)]) -> Vec<ImageRecord> {
+        list.iter().map(|(n, s, l)| record(n, s, l)).collect()
+    }
+
+    fn selections(records: &[ImageRecord], list: &[&Selection]) -> SelectionMap {
+        records
+            .iter()
+            .zip(list)
+            .map(|(r, s)| (r.name.clone(), Ok((*s).clone())))
+            .collect()
+    }
+
+    fn container(id: &str, image: &str, image_ref: Option<&str>) -> ContainerRecord {
+        ContainerRecord {
+            id: id.into(),
+            image: image.into(),
+            image_ref: image_ref.map(String::from),
+        }
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// nginx under two tags and its `sha256:<id>` record (deliberately not in CRI order),
+    /// and redis under one tag.
+    fn two_images() -> (Vec<ImageRecord>, SelectionMap) {
+        let (n, r) = (nginx(), redis());
+        let id = digest(0xc1);
+        let recs = records(&[
+            (&id, &n, &[]),
+            ("docker.io/library/nginx:latest", &n, &[]),
+            ("docker.io/library/nginx:1.25", &n, &[]),
+            ("docker.io/library/redis:7", &r, &[]),
+        ]);
+        let sel = selections(&recs, &[&n, &n, &n, &r]);
+        (recs, sel)
+    }
+
+    #[test]
+    fn records_of_one_image_are_grouped_in_cri_order() {
+        let (recs, sel) = two_images();
+        let inv = Inventory::build(&recs, &sel, &[]);
+        let nginx_id = digest(0xc1);
+        let redis_id = digest(0xc2);
+        assert_eq!(inv.ids(), [nginx_id.clone(), redis_id.clone()].into());
+
+        let image = &inv.images[&nginx_id];
+        assert_eq!(image.id, nginx_id);
+        let expected = strings(&[
+            "docker.io/library/nginx:1.25",
+            "docker.io/library/nginx:latest",
+            &nginx_id,
+        ]);
+        assert_eq!(image.references, expected);
+        let in_record_order: Vec<String> = recs[..3].iter().map(|r| r.name.clone()).collect();
+        assert_ne!(in_record_order, expected, "the fixture must need sorting");
+        assert_eq!(image.references, sort_references(&in_record_order));
+        // Manifest 500 + config 100 + two 1000-byte layers.
+        assert_eq!(image.size, 2600);
+        assert!(!image.pinned);
+        assert!(image.used_by.is_empty());
+
+        assert_eq!(
+            inv.images[&redis_id].references,
+            strings(&["docker.io/library/redis:7"])
+        );
+        let expected_refs: BTreeMap<String, String> = [
+            (nginx_id.clone(), nginx_id.clone()),
+            ("docker.io/library/nginx:latest".into(), nginx_id.clone()),
+            ("docker.io/library/nginx:1.25".into(), nginx_id.clone()),
+            ("docker.io/library/redis:7".into(), redis_id),
+        ]
+        .into();
+        assert_eq!(inv.ref_to_id, expected_refs);
+        assert!(inv.skipped.is_empty());
+        assert!(inv.pending.is_empty());
+    }
+
+    #[test]
+    fn index_and_manifest_records_of_one_image_are_one_image() {
+        let manifest_only = nginx();
+        let mut via_index = nginx();
+        via_index.indexes = vec![desc(MEDIA_TYPE_OCI_INDEX, 0x1d, 300)];
+        let by_digest = format!("docker.io/library/nginx@{}", digest(0x11));
+        let recs = records(&[
+            (&by_digest, &manifest_only, &[]),
+            ("docker.io/library/nginx:1.25", &via_index, &[]),
+        ]);
+        assert_eq!(recs[1].target.digest, digest(0x1d));
+        let sel = selections(&recs, &[&manifest_only, &via_index]);
+        let inv = Inventory::build(&recs, &sel, &[]);
+
+        assert_eq!(inv.images.len(), 1);
+        let image = &inv.images[&digest(0xc1)];
+        // Name+tag (rank 2) before name+digest (rank 3).
+        assert_eq!(
+            image.references,
+            strings(&["docker.io/library/nginx:1.25", &by_digest])
+        );
+        // The largest view: the index's 300 bytes on top of 2600.
+        assert_eq!(image.size, 2900);
+        assert!(image.content.contains(&digest(0x1d)));
+    }
+
+    #[test]
+    fn records_without_a_selection_are_skipped_not_images() {
+        let n = nginx();
+        let recs = records(&[
+            ("docker.io/library/arm-only:1", &n, &[]),
+            ("docker.io/library/nginx:1.25", &n, &[]),
+            ("docker.io/library/unread:1", &n, &[(PENDING_LABEL, "")]),
+        ]);
+        let reason = "no manifest in the image matches platform linux/amd64";
+        let mut sel: SelectionMap = BTreeMap::new();
+        sel.insert(recs[0].name.clone(), Err(reason.into()));
+        sel.insert(recs[1].name.clone(), Ok(n.clone()));
+        let inv = Inventory::build(&recs, &sel, &[]);
+
+        assert_eq!(
+            inv.skipped,
+            vec![
+                Skipped {
+                    name: "docker.io/library/arm-only:1".into(),
+                    reason: reason.into(),
+                },
+                Skipped {
+                    name: "docker.io/library/unread:1".into(),
+                    reason: "its manifest was not read".into(),
+                },
+            ]
+        );
+        assert_eq!(inv.images.len(), 1);
+        assert_eq!(
+            inv.images[&digest(0xc1)].references,
+            strings(&["docker.io/library/nginx:1.25"])
+        );
+        assert_eq!(
+            inv.ref_to_id.keys().collect::<Vec<_>>(),
+            vec!["docker.io/library/nginx:1.25"]
+        );
+        // A record left pending is finished even when it no longer reads as an image (its
+        // content may already be gone).
+        assert_eq!(
+            inv.pending,
+            ["docker.io/library/unread:1".to_string()].into()
+        );
+    }
+
+    #[test]
+    fn pinned_only_by_the_exact_label_value_on_any_record() {
+        let (n, r) = (nginx(), redis());
+        let other = selection(0x13, 0xc3, &[0x3a]);
+        let recs = records(&[
+            ("docker.io/library/nginx:1.25", &n, &[]),
+            (&digest(0xc1), &n, &[(PINNED_LABEL, PINNED_VALUE)]),
+            ("docker.io/library/redis:7", &r, &[(PINNED_LABEL, "true")]),
+            (
+                "docker.io/library/busybox:1",
+                &other,
+                &[("pinned", "pinned")],
+            ),
+        ]);
+        let sel = selections(&recs, &[&n, &n, &r, &other]);
+        let inv = Inventory::build(&recs, &sel, &[]);
+        assert!(inv.images[&digest(0xc1)].pinned);
+        assert!(!inv.images[&digest(0xc2)].pinned);
+        assert!(!inv.images[&digest(0xc3)].pinned);
+
+        // The same records with the pinning one listed first give the same answer.
+        let reversed: Vec<ImageRecord> = recs.iter().rev().cloned().collect();
+        let inv = Inventory::build(&reversed, &sel, &[]);
+        assert!(inv.images[&digest(0xc1)].pinned);
+    }
+
+    #[test]
+    fn pending_collects_labelled_names() {
+        let (n, r) = (nginx(), redis());
+        let recs = records(&[
+            ("docker.io/library/nginx:1.25", &n, &[(PENDING_LABEL, "")]),
+            (
+                &digest(0xc1),
+                &n,
+                &[(PENDING_LABEL, "2024-01-01T00:00:00Z")],
+            ),
+            ("docker.io/library/nginx:latest", &n, &[("other", "x")]),
+            (
+                "docker.io/library/redis:7",
+                &r,
+                &[(PINNED_LABEL, PINNED_VALUE)],
+            ),
+        ]);
+        let sel = selections(&recs, &[&n, &n, &n, &r]);
+        let inv = Inventory::build(&recs, &sel, &[]);
+        assert_eq!(
+            inv.pending,
+            [digest(0xc1), "docker.io/library/nginx:1.25".to_string()].into()
+        );
+        // Pending records are still part of their image.
+        assert_eq!(inv.images[&digest(0xc1)].references.len(), 3);
+    }
+
+    #[test]
+    fn containers_mark_images_used() {
+        let (n, r) = (nginx(), redis());
+        let b = selection(0x13, 0xc3, &[0x3a]);
+        let recs = records(&[
+            ("docker.io/library/nginx:latest", &n, &[]),
+            ("docker.io/library/redis:7", &r, &[]),
+            // Stored under a non-normalized name: reachable only by the exact name.
+            ("busybox:1", &b, &[]),
+        ]);
+        let sel = selections(&recs, &[&n, &r, &b]);
+        let (nginx_id, redis_id, busybox_id) = (digest(0xc1), digest(0xc2), digest(0xc3));
+        let containers = [
+            // The ImageRef wins over the name, which names redis.
+            container("by-ref", "docker.io/library/redis:7", Some(&nginx_id)),
+            // Exact record name.
+            container("by-name", "docker.io/library/redis:7", None),
+            // Normalized: nginx is docker.io/library/nginx:latest.
+            container("by-short-name", "nginx", None),
+            // An ImageRef no longer present falls back to the name.
+            container("stale-ref", "redis:7", Some(&digest(0xdead))),
+            container("exact-raw", "busybox:1", None),
+            // Unknown names mark nothing.
+            container("ghost", "docker.io/library/ghost:1", None),
+            container("ghost-ref", "ghost:2", Some(&digest(0xbeef))),
+            container("empty", "", None),
+        ];
+        let inv = Inventory::build(&recs, &sel, &containers);
+        assert_eq!(
+            inv.images[&nginx_id].used_by,
+            strings(&["by-ref", "by-short-name"])
+        );
+        assert_eq!(
+            inv.images[&redis_id].used_by,
+            strings(&["by-name", "stale-ref"])
+        );
+        assert_eq!(inv.images[&busybox_id].used_by, strings(&["exact-raw"]));
+        let marked: usize = inv.images.values().map(|i| i.used_by.len()).sum();
+        assert_eq!(marked, 5, "ghost containers must mark nothing");
+    }
+
+    #[test]
+    fn content_is_the_union_of_index_manifest_config_and_layers() {
+        let mut via_index = nginx();
+        via_index.indexes = vec![
+            desc(MEDIA_TYPE_OCI_INDEX, 0x1d, 300),
+            desc(MEDIA_TYPE_OCI_INDEX, 0x1e, 200),
+        ];
+        let recs = records(&[
+            ("docker.io/library/nginx:1.25", &via_index, &[]),
+            ("docker.io/library/nginx:latest", &nginx(), &[]),
+        ]);
+        let sel = selections(&recs, &[&via_index, &nginx()]);
+        let inv = Inventory::build(&recs, &sel, &[]);
+        let expected: BTreeSet<String> = [0x1d, 0x1e, 0x11, 0xc1, BASE, 0x1a]
+            .into_iter()
+            .map(digest)
+            .collect();
+        assert_eq!(inv.images[&digest(0xc1)].content, expected);
+    }
+
+    #[test]
+    fn exclusive_content_leaves_out_shared_blobs() {
+        let (recs, sel) = two_images();
+        let inv = Inventory::build(&recs, &sel, &[]);
+        let shared = digest(BASE);
+        assert!(inv.images[&digest(0xc1)].content.contains(&shared));
+        assert!(inv.images[&digest(0xc2)].content.contains(&shared));
+
+        let set = |v: &[u64]| -> BTreeSet<String> { v.iter().map(|&n| digest(n)).collect() };
+        assert_eq!(
+            inv.exclusive_content(&digest(0xc1)),
+            set(&[0x11, 0xc1, 0x1a])
+        );
+        assert_eq!(
+            inv.exclusive_content(&digest(0xc2)),
+            set(&[0x12, 0xc2, 0x2a])
+        );
+        assert!(inv.exclusive_content(&digest(0xdead)).is_empty());
+
+        // Alone, an image owns its base layer too.
+        let alone = Inventory::build(&recs[..3], &sel, &[]);
+        assert_eq!(
+            alone.exclusive_content(&digest(0xc1)),
+            set(&[0x11, 0xc1, BASE, 0x1a])
+        );
+    }
+
+    #[test]
+    fn nothing_in_nothing_out() {
+        let inv = Inventory::build(&[], &BTreeMap::new(), &[container("c", "nginx", None)]);
+        assert_eq!(inv, Inventory::default());
+        assert!(inv.ids().is_empty());
+    }
+}

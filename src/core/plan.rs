@@ -183,3 +183,392 @@ pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
     }
     plan
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::inventory::CriImage;
+    use crate::core::reference::sort_references;
+
+    fn digest(n: u64) -> String {
+        format!("sha256:{n:064x}")
+    }
+
+    fn nginx() -> String {
+        digest(0xc1)
+    }
+
+    fn redis() -> String {
+        digest(0xc2)
+    }
+
+    fn pause() -> String {
+        digest(0xc3)
+    }
+
+    /// Two IDs that share the short prefix `abcd` and differ in the next character.
+    fn twins() -> (String, String) {
+        (
+            format!("sha256:abcd1{:059x}", 0xa),
+            format!("sha256:abcd2{:059x}", 0xb),
+        )
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn image(id: &str, refs: &[&str], size: i64) -> CriImage {
+        CriImage {
+            id: id.into(),
+            references: sort_references(&strings(refs)),
+            size,
+            pinned: false,
+            used_by: Vec::new(),
+            content: BTreeSet::new(),
+        }
+    }
+
+    /// nginx (two tags and its ID record), redis (used by c1), pause (pinned, used by the
+    /// sandbox) and two images whose IDs share a prefix; `pending` names an interrupted run.
+    fn inventory(pending: &[&str]) -> Inventory {
+        let (twin_a, twin_b) = twins();
+        let nginx_id = nginx();
+        let pause_id = pause();
+        let mut redis = image(&redis(), &["docker.io/library/redis:7"], 1000);
+        redis.used_by = strings(&["c1"]);
+        let mut pause = image(&pause_id, &["registry.k8s.io/pause:3.9", &pause_id], 300);
+        pause.pinned = true;
+        pause.used_by = strings(&["sandbox"]);
+        let images = [
+            image(
+                &nginx_id,
+                &[
+                    &nginx_id,
+                    "docker.io/library/nginx:latest",
+                    "docker.io/library/nginx:1.25",
+                ],
+                2600,
+            ),
+            redis,
+            pause,
+            image(&twin_a, &["docker.io/library/twin:a"], 10),
+            image(&twin_b, &["docker.io/library/twin:b"], 20),
+        ];
+        let mut inv = Inventory::default();
+        for i in images {
+            for r in &i.references {
+                inv.ref_to_id.insert(r.clone(), i.id.clone());
+            }
+            inv.images.insert(i.id.clone(), i);
+        }
+        inv.pending = pending.iter().map(|s| s.to_string()).collect();
+        inv
+    }
+
+    fn request(images: &[&str], force: bool) -> Request {
+        Request {
+            images: strings(images),
+            force,
+        }
+    }
+
+    fn outcomes(plan: &Plan) -> Vec<&Outcome> {
+        plan.items.iter().map(|i| &i.outcome).collect()
+    }
+
+    fn nginx_removed() -> Outcome {
+        Outcome::Remove {
+            id: nginx(),
+            references: strings(&[
+                "docker.io/library/nginx:1.25",
+                "docker.io/library/nginx:latest",
+                &nginx(),
+            ]),
+            size: 2600,
+            used_by: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn remove_deletes_every_reference_id_record_first() {
+        let p = plan(&request(&["nginx"], false), &inventory(&[]));
+        assert_eq!(
+            p.items,
+            vec![Item {
+                input: "nginx".into(),
+                outcome: nginx_removed(),
+            }]
+        );
+        assert_eq!(
+            p.deletes,
+            strings(&[
+                &nginx(),
+                "docker.io/library/nginx:1.25",
+                "docker.io/library/nginx:latest",
+            ])
+        );
+        assert!(p.resumed.is_empty());
+    }
+
+    #[test]
+    fn absent_images_are_not_present() {
+        let inputs = ["docker.io/library/ghost:1", "ghost", &digest(0xdead)];
+        let p = plan(&request(&inputs, true), &inventory(&[]));
+        assert_eq!(outcomes(&p), vec![&Outcome::NotPresent; 3]);
+        assert!(p.deletes.is_empty());
+        assert!(!Outcome::NotPresent.is_failure());
+    }
+
+    #[test]
+    fn in_use_is_kept_unless_forced() {
+        let inv = inventory(&[]);
+        let kept = plan(&request(&["redis:7"], false), &inv);
+        assert_eq!(
+            outcomes(&kept),
+            vec![&Outcome::InUse {
+                id: redis(),
+                used_by: strings(&["c1"]),
+            }]
+        );
+        assert!(kept.deletes.is_empty());
+
+        let forced = plan(&request(&["redis:7"], true), &inv);
+        assert_eq!(
+            outcomes(&forced),
+            vec![&Outcome::Remove {
+                id: redis(),
+                references: strings(&["docker.io/library/redis:7"]),
+                size: 1000,
+                used_by: strings(&["c1"]),
+            }]
+        );
+        assert_eq!(forced.deletes, strings(&["docker.io/library/redis:7"]));
+    }
+
+    #[test]
+    fn pinned_is_never_removed_even_forced() {
+        let inv = inventory(&[]);
+        for force in [false, true] {
+            let p = plan(
+                &request(&["registry.k8s.io/pause:3.9", &pause()], force),
+                &inv,
+            );
+            let pinned = Outcome::Pinned { id: pause() };
+            assert_eq!(outcomes(&p), vec![&pinned, &pinned], "force {force}");
+            assert!(p.deletes.is_empty(), "force {force}");
+        }
+    }
+
+    #[test]
+    fn invalid_inputs_touch_nothing_and_keep_their_place() {
+        let upper = nginx().to_uppercase();
+        let inputs = ["", "nginx*", &upper, "nginx", " "];
+        let p = plan(&request(&inputs, true), &inventory(&[]));
+        assert_eq!(
+            p.items.iter().map(|i| i.input.as_str()).collect::<Vec<_>>(),
+            inputs
+        );
+        let reason = |i: usize| match &p.items[i].outcome {
+            Outcome::Invalid { reason } => reason.clone(),
+            other => panic!("item {i}: {other:?}"),
+        };
+        assert!(reason(0).contains("empty"), "{}", reason(0));
+        assert!(reason(1).contains("wildcard"), "{}", reason(1));
+        assert!(reason(2).contains("uppercase"), "{}", reason(2));
+        assert!(reason(4).contains("empty"), "{}", reason(4));
+        assert_eq!(p.items[3].outcome, nginx_removed());
+        // Only the valid request's records are deleted.
+        assert_eq!(p.deletes.len(), 3);
+        assert!(
+            p.deletes
+                .iter()
+                .all(|d| inventory(&[]).ref_to_id[d] == nginx())
+        );
+    }
+
+    #[test]
+    fn short_id_shared_by_two_images_is_ambiguous() {
+        let (twin_a, twin_b) = twins();
+        let p = plan(
+            &request(&["abcd", "sha256:abcd", "abcd1"], true),
+            &inventory(&[]),
+        );
+        let ambiguous = Outcome::Ambiguous {
+            candidates: vec![twin_a.clone(), twin_b],
+        };
+        assert_eq!(outcomes(&p)[..2], [&ambiguous, &ambiguous]);
+        // One more character makes it unique.
+        assert!(matches!(outcomes(&p)[2], Outcome::Remove { id, .. } if *id == twin_a));
+        assert_eq!(p.deletes, strings(&["docker.io/library/twin:a"]));
+    }
+
+    #[test]
+    fn deletes_start_with_pending_then_each_image_id_record_first() {
+        let old = digest(0x01d);
+        let inv = inventory(&[&old, "docker.io/library/old:1"]);
+        let p = plan(&request(&["redis:7", "nginx:latest"], true), &inv);
+        assert_eq!(p.resumed, strings(&["docker.io/library/old:1", &old]));
+        assert_eq!(
+            p.deletes,
+            strings(&[
+                "docker.io/library/old:1",
+                &old,
+                "docker.io/library/redis:7",
+                &nginx(),
+                "docker.io/library/nginx:1.25",
+                "docker.io/library/nginx:latest",
+            ])
+        );
+    }
+
+    #[test]
+    fn pending_reference_of_a_requested_image_is_deleted_once() {
+        let inv = inventory(&["docker.io/library/nginx:latest"]);
+        let p = plan(&request(&["nginx:1.25"], false), &inv);
+        assert_eq!(p.resumed, strings(&["docker.io/library/nginx:latest"]));
+        assert_eq!(
+            p.deletes,
+            strings(&[
+                "docker.io/library/nginx:latest",
+                &nginx(),
+                "docker.io/library/nginx:1.25",
+            ])
+        );
+        // The outcome still lists every reference of the image.
+        assert_eq!(outcomes(&p), vec![&nginx_removed()]);
+    }
+
+    #[test]
+    fn same_image_requested_twice_is_deleted_once() {
+        let id = nginx();
+        let inputs = ["nginx:1.25", &id, &id[7..], "nginx"];
+        let p = plan(&request(&inputs, false), &inventory(&[]));
+        assert_eq!(outcomes(&p), vec![&nginx_removed(); 4]);
+        assert_eq!(
+            p.deletes,
+            strings(&[
+                &id,
+                "docker.io/library/nginx:1.25",
+                "docker.io/library/nginx:latest",
+            ])
+        );
+    }
+
+    #[test]
+    fn only_removals_and_pending_add_deletes() {
+        let p = plan(
+            &request(
+                &["", "abcd", "redis:7", "registry.k8s.io/pause:3.9", "ghost"],
+                false,
+            ),
+            &inventory(&[]),
+        );
+        let kinds: Vec<&str> = p.items.iter().map(|i| i.outcome.kind()).collect();
+        assert_eq!(
+            kinds,
+            ["Invalid", "Ambiguous", "InUse", "Pinned", "NotPresent"]
+        );
+        assert!(p.deletes.is_empty());
+        assert!(p.resumed.is_empty());
+    }
+
+    #[test]
+    fn empty_request_only_resumes() {
+        let inv = inventory(&["docker.io/library/old:1"]);
+        let p = plan(&Request::default(), &inv);
+        assert!(p.items.is_empty());
+        assert_eq!(p.resumed, strings(&["docker.io/library/old:1"]));
+        assert_eq!(p.deletes, p.resumed);
+
+        assert_eq!(plan(&Request::default(), &inventory(&[])), Plan::default());
+        assert_eq!(
+            plan(&request(&["nginx"], true), &Inventory::default()).items[0].outcome,
+            Outcome::NotPresent
+        );
+    }
+
+    fn every_outcome() -> Vec<Outcome> {
+        vec![
+            Outcome::Remove {
+                id: nginx(),
+                references: strings(&["docker.io/library/nginx:1.25", &nginx()]),
+                size: 2600,
+                used_by: strings(&["c1", "c2"]),
+            },
+            Outcome::NotPresent,
+            Outcome::InUse {
+                id: redis(),
+                used_by: strings(&["c1", "c2"]),
+            },
+            Outcome::Pinned { id: pause() },
+            Outcome::Invalid {
+                reason: "the image is empty".into(),
+            },
+            Outcome::Ambiguous {
+                candidates: vec![twins().0, twins().1],
+            },
+        ]
+    }
+
+    #[test]
+    fn kind_and_failure() {
+        let got: Vec<(&str, bool)> = every_outcome()
+            .iter()
+            .map(|o| (o.kind(), o.is_failure()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Removed", false),
+                ("NotPresent", false),
+                ("InUse", false),
+                ("Pinned", false),
+                ("Invalid", true),
+                ("Ambiguous", true),
+            ]
+        );
+    }
+
+    #[test]
+    fn display_says_what_happened_and_what_to_do() {
+        let text: Vec<String> = every_outcome().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text[0],
+            format!(
+                "image {}: 2 reference(s) (forced although used by c1, c2)",
+                nginx()
+            )
+        );
+        let plain = Outcome::Remove {
+            id: nginx(),
+            references: strings(&[&nginx()]),
+            size: 0,
+            used_by: Vec::new(),
+        };
+        assert_eq!(
+            plain.to_string(),
+            format!("image {}: 1 reference(s)", nginx())
+        );
+        assert!(text[1].contains("not present"), "{}", text[1]);
+        assert!(
+            text[2].contains(&redis()) && text[2].contains("c1, c2") && text[2].contains("force"),
+            "{}",
+            text[2]
+        );
+        assert!(
+            text[3].contains(&pause()) && text[3].contains("pinned") && text[3].contains("never"),
+            "{}",
+            text[3]
+        );
+        assert_eq!(text[4], "invalid: the image is empty");
+        let (a, b) = twins();
+        assert!(
+            text[5].contains("2 images")
+                && text[5].contains(&format!("{a}, {b}"))
+                && text[5].contains("more characters"),
+            "{}",
+            text[5]
+        );
+    }
+}
