@@ -5,7 +5,7 @@ SHELL := bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/imagegc/target
 CARGO ?= cargo
 
-.PHONY: help deps build test unit e2e lint fmt ci demo bench-remove testbed-up testbed-down
+.PHONY: help deps build test unit e2e lint fmt generate check-generated ci demo bench-remove testbed-up testbed-down
 
 help: ## List the commands.
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -33,7 +33,13 @@ lint: ## Formatting and clippy, as CI checks them.
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-ci: deps lint test ## What CI runs (.ci/run).
+generate: ## Regenerate crds/ from the API types.
+	$(CARGO) run -q --bin imagegc -- crdgen > crds/imagegc.dev.yaml
+
+check-generated: ## Fail if crds/ is stale.
+	$(CARGO) run -q --bin imagegc -- crdgen | diff -u crds/imagegc.dev.yaml - || { echo "crds/ is stale: run make generate" >&2; exit 1; }
+
+ci: deps lint check-generated test ## What CI runs (.ci/run).
 
 demo: deps ## Run imagegc end to end on a local test bed (3 simulated nodes, a real API server).
 	bash hack/demo.sh

@@ -202,6 +202,9 @@ pub enum CliError {
     /// containerd could not be reached or refused a call.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// Generating the CRDs failed.
+    #[error("generating CRDs: {0}")]
+    Generate(String),
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),

@@ -9,6 +9,7 @@
 //!   executes a plan.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cli;
 pub mod containerd;
 pub mod core;

@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use std::io::Write;
+
 use clap::{Parser, Subcommand};
 use imagegc::cli::{self, Format, Target};
 
@@ -41,6 +43,8 @@ enum Command {
         #[arg(required = true, value_name = "IMAGE")]
         images: Vec<String>,
     },
+    /// Print the CustomResourceDefinitions generated from the API types (`crds/` holds them).
+    Crdgen,
 }
 
 #[tokio::main]
@@ -48,6 +52,11 @@ async fn main() -> ExitCode {
     let args = Cli::parse();
     let mut out = std::io::stdout().lock();
     let result = match args.command {
+        Command::Crdgen => imagegc::api::crds_yaml()
+            .map_err(|e| e.to_string())
+            .and_then(|y| out.write_all(y.as_bytes()).map_err(|e| e.to_string()))
+            .map(|()| true)
+            .map_err(cli::CliError::Generate),
         Command::Images { target, output } => {
             cli::images(&target, output, &mut out).await.map(|()| true)
         }

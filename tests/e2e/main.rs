@@ -3,6 +3,7 @@
 //!
 //! Run a subset with `make e2e ARGS=removal::differential`.
 
+mod api;
 mod bed;
 mod cli;
 mod removal;
@@ -11,6 +12,7 @@ mod support;
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let mut trials = Vec::new();
+    trials.extend(api::trials());
     trials.extend(bed::trials());
     trials.extend(cli::trials());
     trials.extend(removal::trials());

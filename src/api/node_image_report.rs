@@ -1,0 +1,140 @@
+//! `NodeImageReport`: one per node, written only by that node's agent.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// At most this many removals are kept in a report (the most recent ones).
+pub const MAX_REMOVALS: usize = 20;
+/// At most this many references are listed per image result.
+pub const MAX_REFERENCES: usize = 8;
+/// Messages are cut to this many bytes.
+pub const MAX_MESSAGE: usize = 256;
+
+/// A node's images and what happened to the removals that target it. Named after the node.
+// kube's derive takes one `printcolumn(...)` per column, which clippy sees as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "imagegc.dev",
+    version = "v1alpha1",
+    kind = "NodeImageReport",
+    status = "NodeImageReportStatus",
+    shortname = "nir",
+    category = "imagegc",
+    selectable = ".spec.nodeName",
+    doc = "One node's images and the outcome of each removal on it; written by that node's agent.",
+    printcolumn(
+        name = "Images",
+        type_ = "integer",
+        json_path = ".status.inventory.images"
+    ),
+    printcolumn(
+        name = "Bytes",
+        type_ = "integer",
+        json_path = ".status.inventory.bytes"
+    ),
+    printcolumn(
+        name = "Pinned",
+        type_ = "integer",
+        json_path = ".status.inventory.pinned"
+    ),
+    printcolumn(
+        name = "InUse",
+        type_ = "integer",
+        json_path = ".status.inventory.inUse"
+    ),
+    printcolumn(name = "Updated", type_ = "date", json_path = ".status.updated")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeImageReportSpec {
+    /// The node this report describes (equal to the object's name).
+    #[schemars(length(min = 1, max = 253))]
+    pub node_name: String,
+}
+
+/// What the node's agent last saw and did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeImageReportStatus {
+    /// The node's images (CRI view of the containerd namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<InventorySummary>,
+    /// One entry per ImageRemoval targeting this node (most recent 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub removals: Vec<RemovalResult>,
+    /// When the agent last wrote this report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<Time>,
+}
+
+/// Counts over the node's images.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InventorySummary {
+    /// CRI images (grouped by ID).
+    pub images: i32,
+    /// Their content size (shared layers counted once).
+    pub bytes: i64,
+    /// Pinned images.
+    pub pinned: i32,
+    /// Images that containers use.
+    pub in_use: i32,
+}
+
+/// How a removal ended on this node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RemovalPhase {
+    /// Every image is removed or was not present (for a dry run: would be).
+    #[default]
+    Succeeded,
+    /// At least one image was not removed.
+    Failed,
+}
+
+/// The outcome of one ImageRemoval on this node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RemovalResult {
+    /// The ImageRemoval's name.
+    pub name: String,
+    /// Its UID (a re-created removal of the same name is a new one).
+    pub uid: String,
+    /// The generation that was executed.
+    pub generation: i64,
+    /// How it ended.
+    pub phase: RemovalPhase,
+    /// Whether it was a dry run (nothing was removed).
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Content bytes freed on this node.
+    #[serde(default)]
+    pub bytes_freed: i64,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<Time>,
+    /// One entry per requested image, in request order.
+    #[serde(default)]
+    pub images: Vec<ImageResult>,
+}
+
+/// The outcome for one requested image.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageResult {
+    /// The string as requested.
+    pub image: String,
+    /// `Removed`, `NotPresent`, `InUse`, `Pinned`, `Invalid`, `Ambiguous` or `Error`.
+    pub outcome: String,
+    /// The image ID it resolved to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// References deleted (or, in a dry run, that would be), up to 8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<String>,
+    /// Why, in words.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
