@@ -1,15 +1,26 @@
 //! `testbed up [--nodes N] [--containerd v2|1.6] [--no-cluster] --env-file FILE`: starts a bed,
 //! writes shell exports describing it to FILE, and keeps it running until SIGINT/SIGTERM, then
 //! tears everything down (the bed's signal handler does it). `hack/testbed` wraps it as `up | down | env`.
+//!
+//! `testbed seed SOCKET...`: puts the demo's images on each node: two tags of an app sharing a
+//! base layer with a web image that a container uses, and a pinned sandbox image.
+
+use std::collections::HashMap;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use testbed::image::{self, ImageBuilder};
 use testbed::{Flavor, Options, TestBed};
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    if args.next().as_deref() != Some("up") {
-        bail!("usage: testbed up [--nodes N] [--containerd v2|1.6] [--no-cluster] --env-file FILE");
+    match args.next().as_deref() {
+        Some("up") => {}
+        Some("seed") => return seed(&args.collect::<Vec<_>>()).await,
+        _ => bail!(
+            "usage: testbed up [--nodes N] [--containerd v2|1.6] [--no-cluster] --env-file FILE\n       testbed seed SOCKET..."
+        ),
     }
     let mut opts = Options::default();
     let mut env_file = None;
@@ -58,5 +69,52 @@ async fn main() -> Result<()> {
     // directory, then exits; until then there is nothing to do but keep it running.
     let _bed = bed;
     std::future::pending::<()>().await;
+    Ok(())
+}
+
+async fn seed(sockets: &[String]) -> Result<()> {
+    const NS: &str = "k8s.io";
+    let app = ImageBuilder::new("demo-app")
+        .shared_base("demo-base", 2 << 20)
+        .layer_sizes(&[3 << 20])
+        .build();
+    let web = ImageBuilder::new("demo-web")
+        .shared_base("demo-base", 2 << 20)
+        .layer_sizes(&[1 << 20])
+        .build();
+    let pause = ImageBuilder::new("demo-pause").build();
+    let none = HashMap::new();
+    let pinned = HashMap::from([("io.cri-containerd.pinned".to_string(), "pinned".to_string())]);
+    let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    for socket in sockets {
+        let socket = Path::new(socket);
+        image::import(
+            socket,
+            NS,
+            &app,
+            &names(&["docker.io/acme/app:1.0", "docker.io/acme/app:latest"]),
+            &none,
+        )
+        .await?;
+        image::import(socket, NS, &web, &names(&["docker.io/acme/web:2.3"]), &none).await?;
+        image::import(
+            socket,
+            NS,
+            &pause,
+            &names(&["registry.k8s.io/pause:3.10"]),
+            &pinned,
+        )
+        .await?;
+        image::create_container(
+            socket,
+            NS,
+            "web-0",
+            "docker.io/acme/web:2.3",
+            Some(&web.id()),
+        )
+        .await?;
+    }
+    // Let the CRI plugin adopt the images (it adds their `sha256:<id>` records).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     Ok(())
 }
