@@ -13,23 +13,21 @@
 //! Prints one row per K with the median over the repetitions, and exits non-zero if the nodes
 //! ever differ or if a row with K ≥ 20 misses the target ratio (CRI loop / imagegc ≥ 2).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use containerd_client::tonic::transport::Channel;
+use anyhow::{Context, Result, ensure};
 use imagegc::containerd::{self, Runtime};
 use imagegc::core::plan::{self, Outcome, Request};
 use imagegc::core::platform::{Matcher, Platform};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{ImageSpec, ListImagesRequest, RemoveImageRequest};
+use k8s_cri::v1::{ImageSpec, RemoveImageRequest};
+use testbed::cri::{self, NS};
 use testbed::image::{self, BuiltImage, ImageBuilder};
 use testbed::{Flavor, Options, TestBed};
 
-/// The namespace the CRI plugin uses.
-const NS: &str = "k8s.io";
 /// How many images to remove per row.
 const KS: [usize; 3] = [1, 20, 100];
 /// Repetitions per row (the median is reported).
@@ -213,7 +211,7 @@ async fn setup(socket: &Path, images: &[Prepared]) -> Result<()> {
         .iter()
         .flat_map(|p| p.tags.iter().map(String::as_str))
         .collect();
-    wait_cri_synced(socket, &ids, &refs).await
+    cri::wait_synced(socket, &ids, &refs).await
 }
 
 /// Imports `images` on both nodes, removes them with imagegc on one and the CRI loop on the
@@ -222,7 +220,10 @@ async fn repetition(sockets: [&Path; 2], images: &[Prepared], rep: usize) -> Res
     for socket in sockets {
         setup(socket, images).await?;
     }
-    let before = [state(sockets[0]).await?, state(sockets[1]).await?];
+    let before = [
+        cri::state(sockets[0], &[NS]).await?,
+        cri::state(sockets[1], &[NS]).await?,
+    ];
     ensure!(
         before[0] == before[1],
         "the two nodes differ before removal"
@@ -246,19 +247,21 @@ async fn repetition(sockets: [&Path; 2], images: &[Prepared], rep: usize) -> Res
         (t, phases, cri)
     };
 
-    let ours_after = state(ours).await?;
-    let oracle_after = state(oracle).await?;
+    let ours_after = cri::state(ours, &[NS]).await?;
+    let oracle_after = cri::state(oracle, &[NS]).await?;
     ensure!(
         ours_after == oracle_after,
         "imagegc and the CRI loop left different states\n imagegc: {ours_after:#?}\n     CRI: {oracle_after:#?}"
     );
     for id in &ids {
         ensure!(
-            !ours_after.records.contains(id),
+            !ours_after.records[NS].contains(id),
             "{id} still has its record after removal"
         );
     }
-    let removed: BTreeSet<&String> = before[0].content.difference(&ours_after.content).collect();
+    let removed: BTreeSet<&String> = before[0].content[NS]
+        .difference(&ours_after.content[NS])
+        .collect();
     ensure!(
         !removed.is_empty(),
         "removing {} images freed no content",
@@ -357,67 +360,3 @@ fn median(values: impl Iterator<Item = Duration>) -> Duration {
 
 // ---------------------------------------------------------------------------------------------
 // Looking at a node (as tests/e2e/support.rs does; a bench cannot import test modules).
-
-/// What a node's `k8s.io` namespace holds.
-#[derive(Debug, PartialEq, Eq)]
-struct State {
-    records: BTreeSet<String>,
-    content: BTreeSet<String>,
-}
-
-async fn state(socket: &Path) -> Result<State> {
-    Ok(State {
-        records: image::image_names(socket, NS).await?,
-        content: image::content_digests(socket, NS).await?,
-    })
-}
-
-/// CRI's images as `ListImages` reports them: id → repo tags ∪ repo digests.
-async fn cri_images(channel: Channel) -> Result<BTreeMap<String, BTreeSet<String>>> {
-    let resp = ImageServiceClient::new(channel)
-        .list_images(ListImagesRequest { filter: None })
-        .await
-        .context("CRI ListImages")?;
-    Ok(resp
-        .into_inner()
-        .images
-        .into_iter()
-        .map(|i| {
-            (
-                i.id,
-                i.repo_tags.into_iter().chain(i.repo_digests).collect(),
-            )
-        })
-        .collect())
-}
-
-/// Waits until the CRI plugin has adopted the imports: every ref appears among CRI's tags, and
-/// every id is listed by CRI and has its `sha256:<id>` record (which the plugin creates
-/// asynchronously). CRI `RemoveImage` resolves through that cache, so timing before this would
-/// measure the plugin catching up.
-async fn wait_cri_synced(socket: &Path, ids: &[String], refs: &[&str]) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let channel = containerd_client::connect(socket).await?;
-    loop {
-        let cri = cri_images(channel.clone()).await?;
-        let records = image::image_names(socket, NS).await?;
-        let known: BTreeSet<&str> = cri.values().flatten().map(String::as_str).collect();
-        let refs_ok = refs.iter().all(|r| known.contains(r));
-        let ids_ok = ids
-            .iter()
-            .all(|id| cri.contains_key(id) && records.contains(id));
-        if refs_ok && ids_ok {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            let missing: Vec<&String> = ids.iter().filter(|id| !cri.contains_key(*id)).collect();
-            bail!(
-                "CRI never caught up on {}: {} of {} ids missing from CRI ({missing:?})",
-                socket.display(),
-                missing.len(),
-                ids.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}

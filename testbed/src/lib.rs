@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod containerd;
+pub mod cri;
 pub mod image;
 pub mod process;
 pub mod tools;

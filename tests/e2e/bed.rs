@@ -148,8 +148,8 @@ async fn imports_every_shape(flavor: Flavor) -> Result<()> {
     support::import(socket, &docker, &["docker.io/testbed/docker:v1"]).await?;
 
     let all_names: Vec<&str> = single_names.iter().chain(&multi_names).copied().collect();
-    support::wait_cri_synced(socket, &[single.id(), multi.id(), docker.id()], &all_names).await?;
-    let cri = support::cri_images(socket).await?;
+    testbed::cri::wait_synced(socket, &[single.id(), multi.id(), docker.id()], &all_names).await?;
+    let cri = testbed::cri::images(socket).await?;
     ensure!(cri.len() == 3, "CRI lists {cri:?}");
     // Content survives a garbage collection (the GC labels hold it) ...
     image::force_gc(socket, NS).await?;

@@ -31,7 +31,7 @@ async fn images_groups_and_flags() -> Result<()> {
     )
     .await?;
     import(socket, &web, &["docker.io/library/web:1"]).await?;
-    support::wait_cri_synced(socket, &[app.id(), pause.id(), web.id()], &[]).await?;
+    testbed::cri::wait_synced(socket, &[app.id(), pause.id(), web.id()], &[]).await?;
     image::create_container(socket, NS, "c1", "docker.io/library/web:1", Some(&web.id())).await?;
 
     let (code, out, err) = support::imagegc(&["images", "--socket", sock, "-o", "json"])?;
@@ -88,7 +88,7 @@ async fn rmi_dry_run_then_remove() -> Result<()> {
         &["docker.io/library/app:1", "docker.io/library/app:2"],
     )
     .await?;
-    support::wait_cri_synced(socket, &[app.id()], &[]).await?;
+    testbed::cri::wait_synced(socket, &[app.id()], &[]).await?;
     let before = state(socket, &[NS]).await?;
 
     let (code, out, _) =

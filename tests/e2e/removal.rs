@@ -278,7 +278,7 @@ async fn setup(socket: &Path, scenario: &Scenario) -> Result<()> {
             refs.extend(i.names.iter().map(String::as_str));
         }
     }
-    support::wait_cri_synced(socket, &ids, &refs).await
+    testbed::cri::wait_synced(socket, &ids, &refs).await
 }
 
 /// Removes `images` from `socket` through the library, as `imagegc rmi` does.
@@ -318,7 +318,7 @@ async fn differential(flavor: Flavor, scenario: Scenario) -> Result<()> {
     );
     for image in &scenario.remove {
         // CRI's errors (an ambiguous short ID) are part of its behaviour; only state counts.
-        let _ = support::cri_remove(oracle, image).await?;
+        let _ = testbed::cri::remove(oracle, image).await?;
     }
 
     let ours_after = state(ours, &namespaces).await?;
@@ -357,7 +357,7 @@ async fn pinned_is_never_removed(flavor: Flavor) -> Result<()> {
         &[("io.cri-containerd.pinned", "pinned")],
     )
     .await?;
-    support::wait_cri_synced(socket, &[pause.id()], &["registry.k8s.io/pause:3.10"]).await?;
+    testbed::cri::wait_synced(socket, &[pause.id()], &["registry.k8s.io/pause:3.10"]).await?;
     let before = state(socket, &[NS]).await?;
     for args in [
         &["registry.k8s.io/pause:3.10"][..],
@@ -385,7 +385,7 @@ async fn in_use_is_kept_unless_forced(flavor: Flavor) -> Result<()> {
     let web = ImageBuilder::new("web").build();
     import(socket, &app, &["docker.io/library/app:1"]).await?;
     import(socket, &web, &["docker.io/library/web:1"]).await?;
-    support::wait_cri_synced(socket, &[app.id(), web.id()], &[]).await?;
+    testbed::cri::wait_synced(socket, &[app.id(), web.id()], &[]).await?;
     // One container created by the CRI (metadata names the image ID), one by another client
     // (only the image name).
     image::create_container(
@@ -423,7 +423,7 @@ async fn bad_input_changes_nothing(flavor: Flavor) -> Result<()> {
     let (p1, p2) = colliding_pair();
     import(socket, &p1, &["docker.io/library/p:1"]).await?;
     import(socket, &p2, &["docker.io/library/p:2"]).await?;
-    support::wait_cri_synced(socket, &[p1.id(), p2.id()], &["docker.io/library/p:1"]).await?;
+    testbed::cri::wait_synced(socket, &[p1.id(), p2.id()], &["docker.io/library/p:1"]).await?;
     let before = state(socket, &[NS]).await?;
     let upper = p1.id().to_uppercase().replace("SHA256", "sha256");
     let ambiguous = short(&p1.id(), 2);
@@ -465,7 +465,7 @@ async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
     for socket in [ours, oracle] {
         import(socket, &a, &names).await?;
         import(socket, &keep, &["docker.io/library/keep:1"]).await?;
-        support::wait_cri_synced(socket, &[a.id(), keep.id()], &names).await?;
+        testbed::cri::wait_synced(socket, &[a.id(), keep.id()], &names).await?;
     }
     // The first half of a run: every record marked, then only the ID record and one name
     // deleted before the "crash".
@@ -481,7 +481,7 @@ async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
     let (code, out) = rmi(ours, &["docker.io/library/absent:1"])?;
     ensure!(code == 0, "exit {code}: {out}");
     ensure!(out.contains("finishing an interrupted removal"), "{out}");
-    let _ = support::cri_remove(oracle, names[0]).await?;
+    let _ = testbed::cri::remove(oracle, names[0]).await?;
     let (o, c) = (state(ours, &[NS]).await?, state(oracle, &[NS]).await?);
     ensure!(
         o == c,

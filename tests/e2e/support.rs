@@ -1,21 +1,17 @@
 //! What every end-to-end test shares: one tokio runtime, fresh test beds, and ways to look at a
 //! node's containerd (its records, its content, the CRI plugin's view).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::LazyLock;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::{ImageSpec, ListImagesRequest, RemoveImageRequest};
+use anyhow::{Context, Result};
 use libtest_mimic::{Failed, Trial};
 use testbed::image::{self, BuiltImage};
 use testbed::{Flavor, Options, TestBed};
 
-/// The namespace the CRI plugin uses.
-pub const NS: &str = "k8s.io";
+pub use testbed::cri::{NS, state};
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_multi_thread()
@@ -73,92 +69,6 @@ pub async fn import_labelled(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     image::import(socket, NS, img, &strings(names), &labels).await
-}
-
-/// CRI's images as `ListImages` reports them: id → repo tags ∪ repo digests.
-pub async fn cri_images(socket: &Path) -> Result<BTreeMap<String, BTreeSet<String>>> {
-    let channel = containerd_client::connect(socket).await?;
-    let resp = ImageServiceClient::new(channel)
-        .list_images(ListImagesRequest { filter: None })
-        .await
-        .context("CRI ListImages")?;
-    Ok(resp
-        .into_inner()
-        .images
-        .into_iter()
-        .map(|i| {
-            (
-                i.id,
-                i.repo_tags.into_iter().chain(i.repo_digests).collect(),
-            )
-        })
-        .collect())
-}
-
-/// Waits until the CRI plugin has adopted every image imported so far: every record name that is
-/// a reference appears among CRI's tags or digests, and every id in `ids` has its `sha256:<id>`
-/// record (the plugin creates those asynchronously, after it sees an image event).
-pub async fn wait_cri_synced(socket: &Path, ids: &[String], refs: &[&str]) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let cri = cri_images(socket).await?;
-        let records = image::image_names(socket, NS).await?;
-        let known: BTreeSet<&String> = cri.values().flatten().collect();
-        let refs_ok = refs.iter().all(|r| known.contains(&r.to_string()));
-        let ids_ok = ids
-            .iter()
-            .all(|id| cri.contains_key(id) && records.contains(id));
-        if refs_ok && ids_ok {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "CRI never caught up: wanted ids {ids:?} and refs {refs:?}; CRI lists {cri:?}; records {records:?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// What a node's containerd holds: image record names and content digests, per namespace.
-#[derive(Debug, PartialEq, Eq)]
-pub struct State {
-    /// Image record names per namespace.
-    pub records: BTreeMap<String, BTreeSet<String>>,
-    /// Content digests per namespace.
-    pub content: BTreeMap<String, BTreeSet<String>>,
-}
-
-/// Reads `namespaces` of `socket`.
-pub async fn state(socket: &Path, namespaces: &[&str]) -> Result<State> {
-    let mut s = State {
-        records: BTreeMap::new(),
-        content: BTreeMap::new(),
-    };
-    for ns in namespaces {
-        s.records
-            .insert(ns.to_string(), image::image_names(socket, ns).await?);
-        s.content
-            .insert(ns.to_string(), image::content_digests(socket, ns).await?);
-    }
-    Ok(s)
-}
-
-/// Removes `image` through the CRI API, as kubelet, crictl and Eraser do. Errors (ambiguous or
-/// invalid strings) are returned as text: the caller decides whether they matter.
-pub async fn cri_remove(socket: &Path, image: &str) -> Result<Result<(), String>> {
-    let channel = containerd_client::connect(socket).await?;
-    let req = RemoveImageRequest {
-        image: Some(ImageSpec {
-            image: image.to_string(),
-            ..Default::default()
-        }),
-    };
-    Ok(ImageServiceClient::new(channel)
-        .remove_image(req)
-        .await
-        .map(|_| ())
-        .map_err(|s| s.message().to_string()))
 }
 
 /// Runs the `imagegc` binary with `args`; returns (exit code, stdout, stderr).
