@@ -7,9 +7,14 @@
 //!   the CRI view of a namespace, resolution and planning. No sockets, no clocks.
 //! - [`containerd`]: the thin gRPC shell that reads a namespace into the core's types and
 //!   executes a plan.
+//! - [`api`]: the Kubernetes objects (CRDs generated from these types).
+//! - [`events`], [`serve`]: what the long-running processes share — Events, logging,
+//!   `/metrics`, `/livez`, `/readyz`, shutdown.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cli;
 pub mod containerd;
 pub mod core;
+pub mod events;
+pub mod serve;
