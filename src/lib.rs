@@ -8,10 +8,12 @@
 //! - [`containerd`]: the thin gRPC shell that reads a namespace into the core's types and
 //!   executes a plan.
 //! - [`api`]: the Kubernetes objects (CRDs generated from these types).
+//! - [`agent`]: `imagegc agent`, the per-node DaemonSet.
 //! - [`events`], [`serve`]: what the long-running processes share — Events, logging,
 //!   `/metrics`, `/livez`, `/readyz`, shutdown.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod containerd;

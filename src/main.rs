@@ -43,6 +43,9 @@ enum Command {
         #[arg(required = true, value_name = "IMAGE")]
         images: Vec<String>,
     },
+    /// Run the node agent (a DaemonSet): execute the ImageRemovals that target this node and
+    /// report in its NodeImageReport.
+    Agent(imagegc::agent::AgentArgs),
     /// Print the CustomResourceDefinitions generated from the API types (`crds/` holds them).
     Crdgen,
 }
@@ -66,6 +69,16 @@ async fn main() -> ExitCode {
             force,
             images,
         } => cli::rmi(&target, images, force, dry_run, &mut out).await,
+        Command::Agent(args) => {
+            return match imagegc::agent::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "agent stopped");
+                    eprintln!("imagegc agent: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

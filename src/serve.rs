@@ -100,13 +100,26 @@ pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
     health: Health,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /livez and /readyz");
+    serve_on(listener, registry, health, shutdown).await;
+    Ok(())
+}
+
+/// Serves `/metrics`, `/livez` and `/readyz` on a bound `listener` until `shutdown`.
+pub async fn serve_on(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    health: Health,
+    mut shutdown: Shutdown,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics, /livez and /readyz");
+    }
     loop {
         tokio::select! {
-            _ = shutdown.wait() => return Ok(()),
+            _ = shutdown.wait() => return,
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
                     Ok(a) => a,

@@ -108,7 +108,7 @@ pub struct FailureSample {
     pub node: String,
     /// The image string as requested.
     pub image: String,
-    /// `InUse`, `Pinned`, `Invalid`, `Ambiguous` or `Error`.
+    /// `InUse`, `Pinned`, `Invalid`, `Ambiguous` or `Skipped`.
     pub reason: String,
     /// What happened, in words.
     pub message: String,

@@ -126,7 +126,9 @@ pub struct RemovalResult {
 pub struct ImageResult {
     /// The string as requested.
     pub image: String,
-    /// `Removed`, `NotPresent`, `InUse`, `Pinned`, `Invalid`, `Ambiguous` or `Error`.
+    /// `Removed`, `WouldRemove` (dry run), `NotPresent`, `InUse`, `Pinned`, `Invalid`,
+    /// `Ambiguous`, or `Skipped` (not attempted: another image of the request is invalid or
+    /// ambiguous on this node, and a request never half-runs).
     pub outcome: String,
     /// The image ID it resolved to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]

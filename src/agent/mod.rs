@@ -1,0 +1,600 @@
+//! `imagegc agent`: one per node (a DaemonSet). Watches ImageRemovals and its own Node,
+//! executes the removals that target the node with the core engine, and server-side-applies
+//! the node's NodeImageReport — the only object it writes.
+//!
+//! Idempotent: a removal is executed once per UID and generation; the report records which,
+//! so a restarted agent skips what is done and finishes what an interruption left (the
+//! engine's plan resumes records marked pending).
+
+mod metrics;
+pub mod report;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
+
+use crate::api::{
+    ImageRemoval, InventorySummary, NodeImageReport, NodeImageReportStatus, RemovalPhase,
+    RemovalResult,
+};
+use crate::containerd::{self, Runtime, RuntimeError};
+use crate::core::inventory::Inventory;
+use crate::core::plan::{self, Request};
+use crate::core::platform::{Matcher, Platform};
+use crate::events::{Publisher, Severity};
+use crate::serve::{self, Health, LogFormat, Shutdown};
+use metrics::Metrics;
+use report::Key;
+
+/// Field manager of everything the agent writes.
+pub const MANAGER: &str = "imagegc-agent";
+/// Reporting controller name on the agent's Events.
+const EVENT_CONTROLLER: &str = "imagegc.dev/agent";
+/// First retry delay after a containerd error; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Flags of `imagegc agent`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    /// This node's name (from the downward API: `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// containerd's gRPC socket.
+    #[arg(long, env = "IMAGEGC_SOCKET", default_value = containerd::DEFAULT_SOCKET)]
+    pub socket: std::path::PathBuf,
+    /// containerd namespace (the CRI plugin uses k8s.io).
+    #[arg(long, env = "IMAGEGC_NAMESPACE", default_value = containerd::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// Address for /metrics, /livez and /readyz.
+    #[arg(long, env = "IMAGEGC_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// How often the node's image inventory is re-read and, if it changed, reported.
+    #[arg(long, value_parser = parse_seconds, default_value = "300")]
+    pub inventory_interval_seconds: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if n == 0 {
+        return Err("must be at least 1 second".into());
+    }
+    Ok(Duration::from_secs(n))
+}
+
+/// Errors that stop the agent (everything else is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No Kubernetes client configuration.
+    #[error(
+        "no Kubernetes configuration: run in a pod with a ServiceAccount, or set KUBECONFIG ({0})"
+    )]
+    Config(#[source] kube::Error),
+    /// The metrics endpoint could not be served.
+    #[error("cannot serve /metrics on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    /// The Kubernetes API refused a write.
+    #[error("writing NodeImageReport {node}: {source}")]
+    Report {
+        /// The node.
+        node: String,
+        /// Why.
+        source: kube::Error,
+    },
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    serve::init_logging(args.log_format);
+    let shutdown = Shutdown::on_signals().map_err(AgentError::Signals)?;
+    let client = Client::try_default().await.map_err(AgentError::Config)?;
+
+    let mut registry = Registry::with_prefix("imagegc_agent");
+    let metrics = Metrics::register(&mut registry);
+    let health = Health::default();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    tokio::spawn(serve::serve_on(
+        listener,
+        Arc::new(registry),
+        health.clone(),
+        shutdown.clone(),
+    ));
+
+    let changed = Arc::new(Notify::new());
+    let removals = watch(
+        Api::<ImageRemoval>::all(client.clone()),
+        watcher::Config::default(),
+        changed.clone(),
+    );
+    let nodes = watch(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
+        changed.clone(),
+    );
+
+    let mut agent = Agent {
+        reports: Api::all(client.clone()),
+        events: Publisher::new(client, EVENT_CONTROLLER, &args.node_name),
+        node: args.node_name.clone(),
+        socket: args.socket.clone(),
+        namespace: args.namespace.clone(),
+        matcher: Matcher::only(Platform::host()),
+        runtime: None,
+        entries: Vec::new(),
+        created: false,
+        inventory: None,
+        inventory_due: Instant::now(),
+        inventory_interval: args.inventory_interval_seconds,
+        retries: HashMap::new(),
+        warned_node_missing: false,
+        metrics,
+        health,
+    };
+    tracing::info!(
+        node = %agent.node,
+        socket = %agent.socket.display(),
+        namespace = %agent.namespace,
+        "agent starting"
+    );
+
+    let mut stop = shutdown.clone();
+    tokio::select! {
+        _ = stop.wait() => return Ok(()),
+        _ = async { tokio::join!(removals.wait_until_ready(), nodes.wait_until_ready()) } => {}
+    }
+    tracing::info!("watches synced");
+    agent.load_report().await;
+
+    while !shutdown.requested() {
+        let next = agent.reconcile(&removals, &nodes).await;
+        let sleep = next.saturating_duration_since(Instant::now());
+        tokio::select! {
+            _ = stop.wait() => break,
+            _ = changed.notified() => {
+                // Let a burst of watch events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// Starts a reflector for `api` whose every change pings `changed`.
+fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .modify(|o| o.managed_fields_mut().clear())
+        .default_backoff();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(
+                    kind = %K::kind(&()),
+                    error = %e,
+                    "watch failed; retrying with backoff"
+                ),
+            }
+        }
+    });
+    reader
+}
+
+struct Retry {
+    attempts: u32,
+    next: Instant,
+}
+
+struct Agent {
+    reports: Api<NodeImageReport>,
+    events: Publisher,
+    node: String,
+    socket: std::path::PathBuf,
+    namespace: String,
+    matcher: Matcher,
+    runtime: Option<Runtime>,
+    /// The report's removal entries as last written.
+    entries: Vec<RemovalResult>,
+    /// Whether the report object (metadata and spec) has been applied by this process.
+    created: bool,
+    inventory: Option<InventorySummary>,
+    inventory_due: Instant,
+    inventory_interval: Duration,
+    retries: HashMap<String, Retry>,
+    warned_node_missing: bool,
+    metrics: Metrics,
+    health: Health,
+}
+
+impl Agent {
+    /// Reads the report this node's agent wrote before (e.g. before a restart).
+    async fn load_report(&mut self) {
+        match self.reports.get_opt(&self.node).await {
+            Ok(Some(report)) => {
+                if let Some(status) = report.status {
+                    self.entries = status.removals;
+                    self.inventory = status.inventory;
+                }
+                tracing::info!(
+                    entries = self.entries.len(),
+                    "read this node's existing NodeImageReport"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "reading this node's NodeImageReport failed"),
+        }
+    }
+
+    /// One pass: execute what targets this node and is not done, drop entries of deleted
+    /// removals, refresh the inventory when due. Returns when the next pass is due at the
+    /// latest.
+    async fn reconcile(&mut self, removals: &Store<ImageRemoval>, nodes: &Store<Node>) -> Instant {
+        let mut next = Instant::now() + self.inventory_interval;
+        let Some(node) = nodes.state().into_iter().next() else {
+            if !self.warned_node_missing {
+                tracing::warn!(node = %self.node, "Node object not found; waiting for it");
+                self.warned_node_missing = true;
+            }
+            self.health.set_ready(false);
+            return next;
+        };
+        self.warned_node_missing = false;
+        let labels: BTreeMap<String, String> = node.labels().clone();
+        let node_uid = node.uid().unwrap_or_default();
+
+        let mut all = removals.state();
+        all.sort_by(|a, b| {
+            (a.creation_timestamp(), a.name_any()).cmp(&(b.creation_timestamp(), b.name_any()))
+        });
+        let live: BTreeSet<(String, String)> = all
+            .iter()
+            .map(|r| (r.name_any(), r.uid().unwrap_or_default()))
+            .collect();
+
+        let mut pending = Vec::new();
+        for removal in &all {
+            if removal.meta().deletion_timestamp.is_some() {
+                continue;
+            }
+            match report::targets(removal.spec.node_selector.as_ref(), &labels) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::debug!(removal = %removal.name_any(), error = %e, "selector cannot be evaluated; the controller reports it");
+                    continue;
+                }
+            }
+            let key = key_of(removal);
+            if report::is_done(&self.entries, &key) {
+                continue;
+            }
+            if let Some(retry) = self.retries.get(&key.uid)
+                && retry.next > Instant::now()
+            {
+                next = next.min(retry.next);
+                continue;
+            }
+            pending.push((key, removal.clone()));
+        }
+
+        let mut changed = false;
+        for (key, removal) in pending {
+            match self.execute(&key, &removal).await {
+                Ok(result) => {
+                    self.retries.remove(&key.uid);
+                    self.record(&result);
+                    if result.phase == RemovalPhase::Failed {
+                        let note = report::failure_summary(&self.node, &result);
+                        self.events
+                            .publish(
+                                removal.as_ref(),
+                                Severity::Warning,
+                                "RemovalFailed",
+                                "RemoveImages",
+                                &note,
+                            )
+                            .await;
+                    }
+                    self.entries = report::merge(&self.entries, Some(result), &live);
+                    changed = true;
+                    // An execution changed the node's images: report them with it.
+                    self.inventory_due = Instant::now();
+                }
+                Err(e) => {
+                    let retry = self.retries.entry(key.uid.clone()).or_insert(Retry {
+                        attempts: 0,
+                        next: Instant::now(),
+                    });
+                    retry.attempts += 1;
+                    let delay = backoff(retry.attempts);
+                    retry.next = Instant::now() + delay;
+                    next = next.min(retry.next);
+                    self.metrics.runtime_error(&e);
+                    tracing::warn!(
+                        removal = %key.name,
+                        attempt = retry.attempts,
+                        retry_in_seconds = delay.as_secs(),
+                        error = %e,
+                        "removal failed on containerd; will retry"
+                    );
+                    if retry.attempts == 1 {
+                        self.events
+                            .publish(
+                                removal.as_ref(),
+                                Severity::Warning,
+                                "ContainerdError",
+                                "RemoveImages",
+                                &format!("node {}: {e}; retrying with backoff", self.node),
+                            )
+                            .await;
+                    }
+                }
+            }
+        }
+
+        // Entries of deleted (or re-created) removals go.
+        let pruned = report::merge(&self.entries, None, &live);
+        if pruned != self.entries {
+            self.entries = pruned;
+            changed = true;
+        }
+
+        if Instant::now() >= self.inventory_due {
+            self.inventory_due = Instant::now() + self.inventory_interval;
+            match self.read_inventory().await {
+                Ok(summary) => {
+                    if self.inventory.as_ref() != Some(&summary) {
+                        self.inventory = Some(summary);
+                        changed = true;
+                    }
+                }
+                Err(e) => {
+                    self.metrics.runtime_error(&e);
+                    tracing::warn!(error = %e, "reading the image inventory failed");
+                    self.inventory_due = Instant::now() + FIRST_BACKOFF * 5;
+                }
+            }
+            next = next.min(self.inventory_due);
+        }
+
+        if changed || !self.created {
+            match self.write_report(&node_uid).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "writing the NodeImageReport failed; will retry");
+                    self.created = false;
+                    next = next.min(Instant::now() + FIRST_BACKOFF * 2);
+                }
+            }
+        }
+        next
+    }
+
+    /// Connects (once) to containerd, remembering a working connection.
+    async fn runtime(&mut self) -> Result<Runtime, RuntimeError> {
+        if let Some(rt) = &self.runtime {
+            return Ok(rt.clone());
+        }
+        let rt = Runtime::connect(&self.socket, &self.namespace).await?;
+        self.runtime = Some(rt.clone());
+        Ok(rt)
+    }
+
+    /// Reads the node's images; a failure marks the agent not ready.
+    async fn inventory(&mut self) -> Result<Inventory, RuntimeError> {
+        let result = async {
+            let rt = self.runtime().await?;
+            rt.inventory(&self.matcher).await
+        }
+        .await;
+        self.health.set_ready(result.is_ok());
+        if result.is_err() {
+            // Reconnect next time: containerd may have restarted.
+            self.runtime = None;
+        }
+        result
+    }
+
+    async fn read_inventory(&mut self) -> Result<InventorySummary, RuntimeError> {
+        let inv = self.inventory().await?;
+        let rt = self.runtime().await?;
+        let sizes = rt.content_sizes().await?;
+        let summary = InventorySummary {
+            images: inv.images.len() as i32,
+            bytes: sizes.values().sum(),
+            pinned: inv.images.values().filter(|i| i.pinned).count() as i32,
+            in_use: inv.images.values().filter(|i| !i.used_by.is_empty()).count() as i32,
+        };
+        self.metrics.inventory(&summary);
+        Ok(summary)
+    }
+
+    /// Plans and (unless a dry run) executes one removal on this node.
+    async fn execute(
+        &mut self,
+        key: &Key,
+        removal: &ImageRemoval,
+    ) -> Result<RemovalResult, RuntimeError> {
+        let spec = &removal.spec;
+        if let Some(reason) = report::refuse(&spec.images) {
+            tracing::warn!(removal = %key.name, reason, "removal refused");
+            return Ok(report::refused(key, &spec.images, spec.dry_run, &reason, now()));
+        }
+        let started = Instant::now();
+        let inv = self.inventory().await?;
+        let plan = plan::plan(
+            &Request {
+                images: spec.images.clone(),
+                force: spec.force,
+            },
+            &inv,
+        );
+        let mut freed = 0;
+        if !spec.dry_run && !report::blocked(&plan) {
+            let rt = self.runtime().await?;
+            let executed = containerd::execute(&rt, plan.clone(), &self.matcher).await;
+            let executed = match executed {
+                Ok(done) => done,
+                Err(e) => {
+                    self.runtime = None;
+                    self.health.set_ready(false);
+                    return Err(e);
+                }
+            };
+            freed = executed.freed_bytes;
+            tracing::info!(
+                removal = %key.name,
+                generation = key.generation,
+                deleted = executed.deleted.len(),
+                already_gone = executed.already_gone.len(),
+                resumed = executed.plan.resumed.len(),
+                freed_bytes = freed,
+                "removal executed"
+            );
+        }
+        let result = report::result(key, &plan, spec.dry_run, freed, now());
+        self.metrics.executed(&result, started.elapsed());
+        tracing::info!(
+            removal = %key.name,
+            generation = key.generation,
+            phase = ?result.phase,
+            dry_run = spec.dry_run,
+            outcomes = ?result.images.iter().map(|i| (i.image.as_str(), i.outcome.as_str())).collect::<Vec<_>>(),
+            "removal finished on this node"
+        );
+        Ok(result)
+    }
+
+    fn record(&self, result: &RemovalResult) {
+        for image in &result.images {
+            self.metrics.image_outcome(&image.outcome);
+        }
+    }
+
+    /// Applies the report: the object itself once per process (name, owner, spec), then its
+    /// status whenever it changed.
+    async fn write_report(&mut self, node_uid: &str) -> Result<(), AgentError> {
+        let params = PatchParams::apply(MANAGER).force();
+        let err = |source| AgentError::Report {
+            node: self.node.clone(),
+            source,
+        };
+        if !self.created {
+            let object = serde_json::json!({
+                "apiVersion": "imagegc.dev/v1alpha1",
+                "kind": "NodeImageReport",
+                "metadata": {
+                    "name": self.node,
+                    "ownerReferences": [{
+                        "apiVersion": "v1", "kind": "Node", "name": self.node, "uid": node_uid,
+                    }],
+                },
+                "spec": {"nodeName": self.node},
+            });
+            self.reports
+                .patch(&self.node, &params, &Patch::Apply(object))
+                .await
+                .map_err(err)?;
+            self.metrics.report_writes.inc();
+            self.created = true;
+        }
+        let status = NodeImageReportStatus {
+            inventory: self.inventory.clone(),
+            removals: self.entries.clone(),
+            updated: Some(now()),
+        };
+        let patch = serde_json::json!({
+            "apiVersion": "imagegc.dev/v1alpha1",
+            "kind": "NodeImageReport",
+            "metadata": {"name": self.node},
+            "status": status,
+        });
+        self.reports
+            .patch_status(&self.node, &params, &Patch::Apply(patch))
+            .await
+            .map_err(err)?;
+        self.metrics.report_writes.inc();
+        Ok(())
+    }
+}
+
+fn key_of(removal: &ImageRemoval) -> Key {
+    Key {
+        name: removal.name_any(),
+        uid: removal.uid().unwrap_or_default(),
+        generation: removal.meta().generation.unwrap_or(0),
+    }
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+/// Exponential backoff: 1 s, 2 s, 4 s … capped at 5 minutes.
+fn backoff(attempts: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(30), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn seconds_flags_reject_zero_and_garbage() {
+        assert_eq!(parse_seconds("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_seconds("0").is_err());
+        assert!(parse_seconds("5m").is_err());
+    }
+}

@@ -1,0 +1,418 @@
+//! The pure part of the agent: which removals target this node, whether one is already done,
+//! and how a plan (and its execution) becomes the node's report. No clocks, no I/O: the caller
+//! passes the time in.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use kube::core::{Selector, SelectorExt};
+
+use crate::api::{
+    ImageResult, MAX_IMAGES, MAX_MESSAGE, MAX_REFERENCES, MAX_REMOVALS, RemovalPhase,
+    RemovalResult,
+};
+use crate::core::plan::{Outcome, Plan};
+use crate::events::truncate;
+
+/// Outcome names that count as success (everything else makes a removal `Failed`).
+pub const SUCCESS_OUTCOMES: [&str; 3] = ["Removed", "NotPresent", "WouldRemove"];
+
+/// Outcome of images that were not attempted because another image of the request was
+/// invalid or ambiguous on this node.
+pub const SKIPPED: &str = "Skipped";
+
+/// Whether a removal with `selector` targets a node labelled `labels`. An absent or empty
+/// selector selects every node; a selector that cannot be evaluated is an error (the
+/// controller reports it on the ImageRemoval).
+pub fn targets(
+    selector: Option<&LabelSelector>,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, String> {
+    let Some(selector) = selector else {
+        return Ok(true);
+    };
+    let selector = Selector::try_from(selector.clone()).map_err(|e| e.to_string())?;
+    Ok(selector.matches(labels))
+}
+
+/// Identity of one execution: a removal's UID and generation.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    /// The ImageRemoval's name.
+    pub name: String,
+    /// Its UID.
+    pub uid: String,
+    /// Its generation.
+    pub generation: i64,
+}
+
+/// Whether `removals` (a report's entries) already hold the outcome of `key`.
+pub fn is_done(removals: &[RemovalResult], key: &Key) -> bool {
+    removals
+        .iter()
+        .any(|r| r.name == key.name && r.uid == key.uid && r.generation == key.generation)
+}
+
+/// Checks what the API server's schema already checks, for objects written before it did.
+/// `Some(reason)` means the request is refused as a whole.
+pub fn refuse(images: &[String]) -> Option<String> {
+    if images.is_empty() {
+        return Some("the removal names no images".into());
+    }
+    if images.len() > MAX_IMAGES {
+        return Some(format!(
+            "the removal names {} images; at most {MAX_IMAGES} are allowed",
+            images.len()
+        ));
+    }
+    None
+}
+
+/// The report entry for a removal that was refused as a whole (see [`refuse`]).
+pub fn refused(key: &Key, images: &[String], dry_run: bool, reason: &str, now: Time) -> RemovalResult {
+    RemovalResult {
+        name: key.name.clone(),
+        uid: key.uid.clone(),
+        generation: key.generation,
+        phase: RemovalPhase::Failed,
+        dry_run,
+        bytes_freed: 0,
+        finished: Some(now),
+        images: images
+            .iter()
+            .take(MAX_IMAGES)
+            .map(|image| ImageResult {
+                image: truncate(image, MAX_MESSAGE),
+                outcome: "Invalid".into(),
+                message: truncate(reason, MAX_MESSAGE),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+/// Whether a plan must not run at all: one invalid or ambiguous image refuses the whole
+/// batch, so a typo never half-runs a request (the same rule as `imagegc rmi`).
+pub fn blocked(plan: &Plan) -> bool {
+    plan.items.iter().any(|i| i.outcome.is_failure())
+}
+
+/// The report entry for `plan`: executed (`dry_run == false` and not [`blocked`]) with
+/// `bytes_freed`, or only planned.
+pub fn result(key: &Key, plan: &Plan, dry_run: bool, bytes_freed: i64, now: Time) -> RemovalResult {
+    let blocked = blocked(plan);
+    let images: Vec<ImageResult> = plan
+        .items
+        .iter()
+        .map(|item| {
+            let (outcome, id, references) = match &item.outcome {
+                Outcome::Remove { id, references, .. } => {
+                    let outcome = if blocked {
+                        SKIPPED
+                    } else if dry_run {
+                        "WouldRemove"
+                    } else {
+                        "Removed"
+                    };
+                    (outcome, Some(id.clone()), references.clone())
+                }
+                Outcome::InUse { id, .. } | Outcome::Pinned { id } => {
+                    (item.outcome.kind(), Some(id.clone()), Vec::new())
+                }
+                other => (other.kind(), None, Vec::new()),
+            };
+            let message = if outcome == SKIPPED {
+                "not removed: other images of this removal are invalid or ambiguous on this node; \
+                 fix them and update the ImageRemoval"
+                    .to_string()
+            } else {
+                item.outcome.to_string()
+            };
+            ImageResult {
+                image: truncate(&item.input, MAX_MESSAGE),
+                outcome: outcome.into(),
+                id,
+                references: references
+                    .iter()
+                    .take(MAX_REFERENCES)
+                    .map(|r| truncate(r, MAX_MESSAGE))
+                    .collect(),
+                message: truncate(&message, MAX_MESSAGE),
+            }
+        })
+        .collect();
+    let failed = images
+        .iter()
+        .any(|i| !SUCCESS_OUTCOMES.contains(&i.outcome.as_str()));
+    RemovalResult {
+        name: key.name.clone(),
+        uid: key.uid.clone(),
+        generation: key.generation,
+        phase: if failed {
+            RemovalPhase::Failed
+        } else {
+            RemovalPhase::Succeeded
+        },
+        dry_run,
+        bytes_freed: if dry_run || blocked { 0 } else { bytes_freed },
+        finished: Some(now),
+        images,
+    }
+}
+
+/// The report's entries after `new` (if any) replaces the entry of the same name, entries of
+/// removals that no longer exist (`live` holds the current `(name, uid)` pairs) are dropped,
+/// and only the [`MAX_REMOVALS`] most recently finished are kept. Sorted by name.
+pub fn merge(
+    current: &[RemovalResult],
+    new: Option<RemovalResult>,
+    live: &BTreeSet<(String, String)>,
+) -> Vec<RemovalResult> {
+    let mut by_name: BTreeMap<String, RemovalResult> = current
+        .iter()
+        .filter(|r| live.contains(&(r.name.clone(), r.uid.clone())))
+        .map(|r| (r.name.clone(), r.clone()))
+        .collect();
+    if let Some(new) = new {
+        by_name.insert(new.name.clone(), new);
+    }
+    let mut entries: Vec<RemovalResult> = by_name.into_values().collect();
+    if entries.len() > MAX_REMOVALS {
+        // Newest first, then keep the first MAX_REMOVALS.
+        entries.sort_by(|a, b| {
+            let ta = a.finished.as_ref().map(|t| t.0);
+            let tb = b.finished.as_ref().map(|t| t.0);
+            tb.cmp(&ta).then_with(|| a.name.cmp(&b.name))
+        });
+        entries.truncate(MAX_REMOVALS);
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    entries
+}
+
+/// A one-paragraph summary of what failed in `result`, for an Event.
+pub fn failure_summary(node: &str, result: &RemovalResult) -> String {
+    let failures: Vec<String> = result
+        .images
+        .iter()
+        .filter(|i| !SUCCESS_OUTCOMES.contains(&i.outcome.as_str()))
+        .map(|i| format!("{} {}: {}", i.image, i.outcome, i.message))
+        .collect();
+    format!("node {node}: {}", failures.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::plan::Item;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn key(name: &str, generation: i64) -> Key {
+        Key {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            generation,
+        }
+    }
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn remove(id: &str, refs: &[&str]) -> Outcome {
+        Outcome::Remove {
+            id: id.into(),
+            references: refs.iter().map(|r| r.to_string()).collect(),
+            size: 10,
+            used_by: vec![],
+        }
+    }
+
+    fn plan(items: Vec<(&str, Outcome)>) -> Plan {
+        Plan {
+            items: items
+                .into_iter()
+                .map(|(input, outcome)| Item {
+                    input: input.into(),
+                    outcome,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn selectors_pick_nodes_by_labels() {
+        let node = labels(&[("pool", "gpu"), ("zone", "a")]);
+        assert_eq!(targets(None, &node), Ok(true));
+        assert_eq!(targets(Some(&LabelSelector::default()), &node), Ok(true));
+        let gpu = LabelSelector {
+            match_labels: Some(labels(&[("pool", "gpu")])),
+            ..Default::default()
+        };
+        assert_eq!(targets(Some(&gpu), &node), Ok(true));
+        assert_eq!(targets(Some(&gpu), &labels(&[("pool", "cpu")])), Ok(false));
+        let not_b = LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "zone".into(),
+                operator: "NotIn".into(),
+                values: Some(vec!["b".into()]),
+            }]),
+            ..Default::default()
+        };
+        assert_eq!(targets(Some(&not_b), &node), Ok(true));
+        let bad = LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "zone".into(),
+                operator: "Near".into(),
+                values: None,
+            }]),
+            ..Default::default()
+        };
+        assert!(targets(Some(&bad), &node).is_err());
+    }
+
+    #[test]
+    fn done_means_same_uid_and_generation() {
+        let entries = vec![RemovalResult {
+            name: "a".into(),
+            uid: "uid-a".into(),
+            generation: 2,
+            ..Default::default()
+        }];
+        assert!(is_done(&entries, &key("a", 2)));
+        assert!(!is_done(&entries, &key("a", 3)), "new generation runs again");
+        let recreated = Key {
+            uid: "other".into(),
+            ..key("a", 2)
+        };
+        assert!(!is_done(&entries, &recreated), "a re-created removal is new");
+    }
+
+    #[test]
+    fn results_name_every_image_and_fail_on_protected_ones() {
+        let p = plan(vec![
+            ("app", remove("sha256:aa", &["docker.io/library/app:1", "sha256:aa"])),
+            ("gone", Outcome::NotPresent),
+            (
+                "pause",
+                Outcome::Pinned {
+                    id: "sha256:pp".into(),
+                },
+            ),
+        ]);
+        let r = result(&key("x", 1), &p, false, 1234, at(10));
+        assert_eq!(r.phase, RemovalPhase::Failed);
+        assert_eq!(r.bytes_freed, 1234);
+        let outcomes: Vec<&str> = r.images.iter().map(|i| i.outcome.as_str()).collect();
+        assert_eq!(outcomes, ["Removed", "NotPresent", "Pinned"]);
+        assert_eq!(r.images[0].references.len(), 2);
+        assert_eq!(r.images[2].id.as_deref(), Some("sha256:pp"));
+        assert!(failure_summary("n1", &r).contains("pause Pinned"));
+        assert!(!failure_summary("n1", &r).contains("app"));
+
+        let ok = plan(vec![("app", remove("sha256:aa", &["a"])), ("b", Outcome::NotPresent)]);
+        assert_eq!(
+            result(&key("x", 1), &ok, false, 5, at(10)).phase,
+            RemovalPhase::Succeeded
+        );
+    }
+
+    #[test]
+    fn dry_runs_say_would_remove_and_free_nothing() {
+        let p = plan(vec![("app", remove("sha256:aa", &["a"]))]);
+        let r = result(&key("x", 1), &p, true, 999, at(10));
+        assert_eq!(r.images[0].outcome, "WouldRemove");
+        assert!(r.dry_run);
+        assert_eq!(r.bytes_freed, 0);
+        assert_eq!(r.phase, RemovalPhase::Succeeded);
+    }
+
+    #[test]
+    fn an_invalid_image_blocks_the_batch() {
+        let p = plan(vec![
+            ("app", remove("sha256:aa", &["a"])),
+            (
+                "UPPER",
+                Outcome::Invalid {
+                    reason: "bad".into(),
+                },
+            ),
+        ]);
+        assert!(blocked(&p));
+        let r = result(&key("x", 1), &p, false, 0, at(10));
+        assert_eq!(r.images[0].outcome, SKIPPED);
+        assert_eq!(r.images[1].outcome, "Invalid");
+        assert_eq!(r.phase, RemovalPhase::Failed);
+    }
+
+    #[test]
+    fn results_are_bounded() {
+        let refs: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+        let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+        let long = "x".repeat(600);
+        let p = plan(vec![(long.as_str(), remove("sha256:aa", &refs))]);
+        let r = result(&key("x", 1), &p, false, 0, at(1));
+        assert_eq!(r.images[0].references.len(), MAX_REFERENCES);
+        assert!(r.images[0].image.len() <= MAX_MESSAGE);
+        assert!(r.images[0].message.len() <= MAX_MESSAGE);
+    }
+
+    #[test]
+    fn refusal_covers_what_the_schema_should_have_caught() {
+        assert!(refuse(&[]).is_some());
+        let many: Vec<String> = (0..=MAX_IMAGES).map(|i| format!("i{i}")).collect();
+        assert!(refuse(&many).unwrap().contains("at most 100"));
+        assert!(refuse(&["nginx".into()]).is_none());
+        let r = refused(&key("x", 1), &many, false, "too many", at(1));
+        assert_eq!(r.images.len(), MAX_IMAGES);
+        assert_eq!(r.phase, RemovalPhase::Failed);
+    }
+
+    #[test]
+    fn merge_replaces_prunes_and_caps() {
+        let entry = |name: &str, t: i64| RemovalResult {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            generation: 1,
+            finished: Some(at(t)),
+            ..Default::default()
+        };
+        let live: BTreeSet<(String, String)> = ["a", "b"]
+            .iter()
+            .map(|n| (n.to_string(), format!("uid-{n}")))
+            .collect();
+        let current = vec![entry("a", 1), entry("gone", 2)];
+        let merged = merge(&current, Some(entry("b", 3)), &live);
+        let names: Vec<&str> = merged.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "deleted removal dropped, new one added");
+
+        let mut updated = entry("a", 5);
+        updated.generation = 2;
+        let merged = merge(&merged, Some(updated), &live);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].generation, 2, "same name replaced");
+
+        let names: Vec<String> = (0..30).map(|i| format!("r{i:02}")).collect();
+        let live: BTreeSet<(String, String)> = names
+            .iter()
+            .map(|n| (n.clone(), format!("uid-{n}")))
+            .collect();
+        let many: Vec<RemovalResult> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| entry(n, i as i64))
+            .collect();
+        let merged = merge(&many, None, &live);
+        assert_eq!(merged.len(), MAX_REMOVALS);
+        assert_eq!(merged[0].name, "r10", "the oldest ten are dropped");
+    }
+}
