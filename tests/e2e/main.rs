@@ -5,6 +5,7 @@
 
 mod api;
 mod bed;
+mod chart;
 mod cli;
 mod removal;
 mod support;
@@ -14,6 +15,7 @@ fn main() {
     let mut trials = Vec::new();
     trials.extend(api::trials());
     trials.extend(bed::trials());
+    trials.extend(chart::trials());
     trials.extend(cli::trials());
     trials.extend(removal::trials());
     let conclusion = libtest_mimic::run(&args, trials);
