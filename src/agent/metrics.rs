@@ -37,7 +37,9 @@ impl Metrics {
             report_writes: Counter::default(),
             inventory_images: Gauge::default(),
             inventory_bytes: Gauge::default(),
-            removal_seconds: Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+            removal_seconds: Histogram::new([
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
         };
         registry.register(
             "removals",

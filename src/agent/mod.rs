@@ -445,7 +445,11 @@ impl Agent {
             images: inv.images.len() as i32,
             bytes: sizes.values().sum(),
             pinned: inv.images.values().filter(|i| i.pinned).count() as i32,
-            in_use: inv.images.values().filter(|i| !i.used_by.is_empty()).count() as i32,
+            in_use: inv
+                .images
+                .values()
+                .filter(|i| !i.used_by.is_empty())
+                .count() as i32,
         };
         self.metrics.inventory(&summary);
         Ok(summary)
@@ -460,7 +464,13 @@ impl Agent {
         let spec = &removal.spec;
         if let Some(reason) = report::refuse(&spec.images) {
             tracing::warn!(removal = %key.name, reason, "removal refused");
-            return Ok(report::refused(key, &spec.images, spec.dry_run, &reason, now()));
+            return Ok(report::refused(
+                key,
+                &spec.images,
+                spec.dry_run,
+                &reason,
+                now(),
+            ));
         }
         let started = Instant::now();
         let inv = self.inventory().await?;

@@ -8,8 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::core::{Selector, SelectorExt};
 
 use crate::api::{
-    ImageResult, MAX_IMAGES, MAX_MESSAGE, MAX_REFERENCES, MAX_REMOVALS, RemovalPhase,
-    RemovalResult,
+    ImageResult, MAX_IMAGES, MAX_MESSAGE, MAX_REFERENCES, MAX_REMOVALS, RemovalPhase, RemovalResult,
 };
 use crate::core::plan::{Outcome, Plan};
 use crate::events::truncate;
@@ -69,7 +68,13 @@ pub fn refuse(images: &[String]) -> Option<String> {
 }
 
 /// The report entry for a removal that was refused as a whole (see [`refuse`]).
-pub fn refused(key: &Key, images: &[String], dry_run: bool, reason: &str, now: Time) -> RemovalResult {
+pub fn refused(
+    key: &Key,
+    images: &[String],
+    dry_run: bool,
+    reason: &str,
+    now: Time,
+) -> RemovalResult {
     RemovalResult {
         name: key.name.clone(),
         uid: key.uid.clone(),
@@ -289,18 +294,27 @@ mod tests {
             ..Default::default()
         }];
         assert!(is_done(&entries, &key("a", 2)));
-        assert!(!is_done(&entries, &key("a", 3)), "new generation runs again");
+        assert!(
+            !is_done(&entries, &key("a", 3)),
+            "new generation runs again"
+        );
         let recreated = Key {
             uid: "other".into(),
             ..key("a", 2)
         };
-        assert!(!is_done(&entries, &recreated), "a re-created removal is new");
+        assert!(
+            !is_done(&entries, &recreated),
+            "a re-created removal is new"
+        );
     }
 
     #[test]
     fn results_name_every_image_and_fail_on_protected_ones() {
         let p = plan(vec![
-            ("app", remove("sha256:aa", &["docker.io/library/app:1", "sha256:aa"])),
+            (
+                "app",
+                remove("sha256:aa", &["docker.io/library/app:1", "sha256:aa"]),
+            ),
             ("gone", Outcome::NotPresent),
             (
                 "pause",
@@ -319,7 +333,10 @@ mod tests {
         assert!(failure_summary("n1", &r).contains("pause Pinned"));
         assert!(!failure_summary("n1", &r).contains("app"));
 
-        let ok = plan(vec![("app", remove("sha256:aa", &["a"])), ("b", Outcome::NotPresent)]);
+        let ok = plan(vec![
+            ("app", remove("sha256:aa", &["a"])),
+            ("b", Outcome::NotPresent),
+        ]);
         assert_eq!(
             result(&key("x", 1), &ok, false, 5, at(10)).phase,
             RemovalPhase::Succeeded

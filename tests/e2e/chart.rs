@@ -297,10 +297,15 @@ fn chart_renders_presets_and_options() -> Result<()> {
             .iter()
             .find(|e| e["name"] == "IMAGEGC_SOCKET")
             .context("IMAGEGC_SOCKET")?;
+        let dir = std::path::Path::new(want)
+            .parent()
+            .and_then(|d| d.to_str())
+            .context("socket directory")?;
         ensure!(
-            volume["path"] == want
-                && volume["type"] == "Socket"
-                && container["volumeMounts"][0]["mountPath"] == want
+            volume["path"] == dir
+                && volume["type"] == "Directory"
+                && container["volumeMounts"][0]["mountPath"] == dir
+                && container["volumeMounts"][0]["readOnly"] == true
                 && env["value"] == want,
             "{set:?}: volume {volume:?}, container {container:?}"
         );

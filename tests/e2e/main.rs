@@ -7,6 +7,7 @@ mod api;
 mod bed;
 mod chart;
 mod cli;
+mod operator;
 mod removal;
 mod support;
 
@@ -17,6 +18,7 @@ fn main() {
     trials.extend(bed::trials());
     trials.extend(chart::trials());
     trials.extend(cli::trials());
+    trials.extend(operator::trials());
     trials.extend(removal::trials());
     let conclusion = libtest_mimic::run(&args, trials);
     testbed::process::cleanup_all();

@@ -1,0 +1,762 @@
+//! The operator end to end: a real API server with the chart's rendered manifests
+//! (`deploy/imagegc.yaml`: CRDs, ServiceAccounts, RBAC, admission policy), three simulated
+//! nodes (containerd daemons and Node objects with labels), one `imagegc agent` process per
+//! node with a token of the agent ServiceAccount bound to a Pod on that node, and one
+//! `imagegc controller` process with its own ServiceAccount.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use imagegc::api::{ImageRemoval, NodeImageReport, RemovalResult};
+use imagegc::core::inventory::{PENDING_LABEL, PINNED_LABEL};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use libtest_mimic::Trial;
+use testbed::image::{self, BuiltImage, ImageBuilder};
+use testbed::process::{Proc, free_port};
+use testbed::{Flavor, Options, TestBed};
+
+use crate::support::{NS, import, import_labelled, trial};
+
+/// Namespace the chart is rendered for.
+pub const SYSTEM_NS: &str = "imagegc-system";
+const AGENT_SA: &str = "imagegc-agent";
+const CONTROLLER_SA: &str = "imagegc-controller";
+/// How long anything the operator does may take here.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial(
+            "operator::removal_by_label_reports_and_completes",
+            removal_by_label_reports_and_completes,
+        ),
+        trial(
+            "operator::protections_force_and_bad_input",
+            protections_force_and_bad_input,
+        ),
+        trial(
+            "operator::agent_killed_mid_removal_finishes",
+            agent_killed_mid_removal_finishes,
+        ),
+        trial(
+            "operator::agent_cannot_write_another_nodes_report",
+            agent_cannot_write_another_nodes_report,
+        ),
+    ]
+}
+
+/// Runs `kubectl` with the admin kubeconfig; fails with its output if it fails.
+pub fn kubectl(bed: &TestBed, args: &[&str]) -> Result<String> {
+    let bin = testbed::tools::go_tool("kubectl")?;
+    let out = std::process::Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(&bed.cluster()?.admin_kubeconfig)
+        .args(args)
+        .output()
+        .context("running kubectl")?;
+    ensure!(
+        out.status.success(),
+        "kubectl {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The rendered chart.
+pub fn deploy_manifest() -> PathBuf {
+    testbed::tools::repo_root().join("deploy/imagegc.yaml")
+}
+
+/// Applies the rendered chart (retrying while the API server settles) and waits until the
+/// CRDs serve.
+pub async fn install(bed: &TestBed) -> Result<()> {
+    let manifest = deploy_manifest();
+    let manifest = manifest.to_str().context("manifest path")?;
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        match kubectl(bed, &["apply", "--server-side", "-f", manifest]) {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let admin = bed.cluster()?.admin_client().await?;
+    let api = Api::<NodeImageReport>::all(admin.clone());
+    let removals = Api::<ImageRemoval>::all(admin);
+    let deadline = Instant::now() + CONVERGE;
+    while api.list(&Default::default()).await.is_err()
+        || removals.list(&Default::default()).await.is_err()
+    {
+        ensure!(Instant::now() < deadline, "CRDs never served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with `what` and the last error.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The running operator on a fresh bed.
+pub struct Operator {
+    // Processes first: they stop before the bed they use.
+    agents: Vec<Option<Proc>>,
+    controller: Option<Proc>,
+    agent_kubeconfigs: Vec<PathBuf>,
+    controller_kubeconfig: PathBuf,
+    /// A cluster-admin client.
+    pub admin: Client,
+    /// Every daemon.
+    pub bed: TestBed,
+}
+
+impl Operator {
+    /// Starts a bed with one node per entry of `labels`, installs the chart, creates the
+    /// Nodes, and starts an agent per node and the controller.
+    pub async fn start(labels: &[&[(&str, &str)]]) -> Result<Operator> {
+        let bed = TestBed::start(&Options {
+            nodes: labels.len(),
+            flavor: Flavor::V2,
+            cluster: true,
+        })
+        .await?;
+        install(&bed).await?;
+        let cluster = bed.cluster()?;
+        let admin = cluster.admin_client().await?;
+        let mut agent_kubeconfigs = Vec::new();
+        for (i, node_labels) in labels.iter().enumerate() {
+            let name = bed.nodes[i].node.clone();
+            let node: Node = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "labels": to_map(node_labels)},
+            }))?;
+            Api::<Node>::all(admin.clone())
+                .create(&PostParams::default(), &node)
+                .await?;
+            let token = agent_token(&bed, &admin, &name).await?;
+            agent_kubeconfigs
+                .push(cluster.token_kubeconfig(&format!("agent-{name}.kubeconfig"), &token)?);
+        }
+        let token = cluster
+            .service_account_token(SYSTEM_NS, CONTROLLER_SA, None)
+            .await?;
+        let controller_kubeconfig = cluster.token_kubeconfig("controller.kubeconfig", &token)?;
+        let mut op = Operator {
+            agents: (0..labels.len()).map(|_| None).collect(),
+            controller: None,
+            agent_kubeconfigs,
+            controller_kubeconfig,
+            admin,
+            bed,
+        };
+        for i in 0..labels.len() {
+            op.start_agent(i)?;
+        }
+        op.start_controller()?;
+        Ok(op)
+    }
+
+    /// The socket of node `i`.
+    pub fn socket(&self, i: usize) -> PathBuf {
+        self.bed.nodes[i].socket.clone()
+    }
+
+    /// The name of node `i`.
+    pub fn node(&self, i: usize) -> String {
+        self.bed.nodes[i].node.clone()
+    }
+
+    /// Starts (or restarts) the agent of node `i`.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let node = self.node(i);
+        let args = vec![
+            "agent".to_string(),
+            "--node-name".into(),
+            node.clone(),
+            "--socket".into(),
+            self.socket(i).display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()?),
+        ];
+        let envs = vec![
+            (
+                "KUBECONFIG".to_string(),
+                self.agent_kubeconfigs[i].display().to_string(),
+            ),
+            ("IMAGEGC_LOG".into(), "info".into()),
+        ];
+        let log = self.bed.dir().join(format!("agent-{node}.log"));
+        self.agents[i] = Some(Proc::spawn(
+            &format!("agent-{node}"),
+            std::path::Path::new(env!("CARGO_BIN_EXE_imagegc")),
+            &args,
+            &envs,
+            self.bed.dir(),
+            &log,
+        )?);
+        Ok(())
+    }
+
+    /// SIGKILLs the agent of node `i`.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut p) = self.agents[i].take() {
+            p.kill_hard();
+        }
+    }
+
+    fn start_controller(&mut self) -> Result<()> {
+        let args = vec![
+            "controller".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", free_port()?),
+            "--lease-namespace".into(),
+            SYSTEM_NS.into(),
+            "--identity".into(),
+            "controller-0".into(),
+        ];
+        let envs = vec![
+            (
+                "KUBECONFIG".to_string(),
+                self.controller_kubeconfig.display().to_string(),
+            ),
+            ("IMAGEGC_LOG".into(), "info".into()),
+        ];
+        let log = self.bed.dir().join("controller.log");
+        self.controller = Some(Proc::spawn(
+            "controller",
+            std::path::Path::new(env!("CARGO_BIN_EXE_imagegc")),
+            &args,
+            &envs,
+            self.bed.dir(),
+            &log,
+        )?);
+        Ok(())
+    }
+
+    /// The last lines of every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in self
+            .agents
+            .iter()
+            .chain(std::iter::once(&self.controller))
+            .flatten()
+        {
+            out.push_str(&format!("\n--- {}\n{}", p.pid(), p.log_tail(15)));
+        }
+        out
+    }
+
+    /// Creates an ImageRemoval from a JSON spec.
+    pub async fn create_removal(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<ImageRemoval> {
+        let removal: ImageRemoval = serde_json::from_value(serde_json::json!({
+            "apiVersion": "imagegc.dev/v1alpha1", "kind": "ImageRemoval",
+            "metadata": {"name": name}, "spec": spec,
+        }))?;
+        Ok(Api::<ImageRemoval>::all(self.admin.clone())
+            .create(&PostParams::default(), &removal)
+            .await?)
+    }
+
+    /// Waits until node `i` reports on the current generation of removal `name`.
+    pub async fn wait_result(&self, i: usize, name: &str) -> Result<RemovalResult> {
+        let removals = Api::<ImageRemoval>::all(self.admin.clone());
+        let reports = Api::<NodeImageReport>::all(self.admin.clone());
+        let node = &self.node(i);
+        let (removals, reports) = (&removals, &reports);
+        let found = wait_for(
+            &format!("{node}'s result for {name}"),
+            CONVERGE,
+            || async move {
+                let removal = removals.get(name).await?;
+                let Some(report) = reports.get_opt(node).await? else {
+                    return Ok(None);
+                };
+                Ok(report.status.and_then(|s| {
+                    s.removals.into_iter().find(|r| {
+                        r.name == name
+                            && Some(&r.uid) == removal.metadata.uid.as_ref()
+                            && Some(r.generation) == removal.metadata.generation
+                    })
+                }))
+            },
+        )
+        .await;
+        found.with_context(|| self.logs())
+    }
+
+    /// Waits until the ImageRemoval's status satisfies `done`.
+    pub async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        done: impl Fn(&ImageRemoval) -> bool,
+    ) -> Result<ImageRemoval> {
+        let removals = &Api::<ImageRemoval>::all(self.admin.clone());
+        let done = &done;
+        let found = wait_for(&format!("{name}: {what}"), CONVERGE, || async move {
+            let r = removals.get(name).await?;
+            Ok(done(&r).then_some(r))
+        })
+        .await;
+        found.with_context(|| self.logs())
+    }
+}
+
+fn to_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A token of the agent ServiceAccount bound to a Pod on `node` (the Pod never runs): the API
+/// server adds the node's name to it, as it does for a kubelet-mounted token.
+async fn agent_token(bed: &TestBed, admin: &Client, node: &str) -> Result<String> {
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("agent-{node}"), "namespace": SYSTEM_NS},
+        "spec": {"nodeName": node, "serviceAccountName": AGENT_SA,
+                 "automountServiceAccountToken": false,
+                 "containers": [{"name": "agent", "image": "imagegc:test"}]}
+    }))?;
+    let pod = Api::<Pod>::namespaced(admin.clone(), SYSTEM_NS)
+        .create(&PostParams::default(), &pod)
+        .await?;
+    let (name, uid) = (pod.name_any(), pod.uid().context("pod uid")?);
+    bed.cluster()?
+        .service_account_token(SYSTEM_NS, AGENT_SA, Some((&name, &uid)))
+        .await
+}
+
+fn condition(r: &ImageRemoval, type_: &str) -> Option<String> {
+    r.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.clone())
+}
+
+fn outcomes(r: &RemovalResult) -> Vec<(String, String)> {
+    r.images
+        .iter()
+        .map(|i| (i.image.clone(), i.outcome.clone()))
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+async fn records(op: &Operator, i: usize) -> Result<BTreeSet<String>> {
+    image::image_names(&op.socket(i), NS).await
+}
+
+/// An ImageRemoval selecting 2 of 3 nodes removes every reference there and nothing on the
+/// third; relabelling the third makes it execute; the TTL deletes the finished object.
+async fn removal_by_label_reports_and_completes() -> Result<()> {
+    let op = Operator::start(&[&[("pool", "a")], &[("pool", "a")], &[("pool", "b")]]).await?;
+    let app = ImageBuilder::new("op-app").build();
+    let names = ["docker.io/library/app:1", "docker.io/library/app:latest"];
+    for i in 0..3 {
+        import(&op.socket(i), &app, &names).await?;
+        testbed::cri::wait_synced(&op.socket(i), &[app.id()], &names).await?;
+    }
+    let before = records(&op, 2).await?;
+
+    op.create_removal(
+        "app",
+        serde_json::json!({"images": ["app:1"], "nodeSelector": {"matchLabels": {"pool": "a"}}}),
+    )
+    .await?;
+    for i in 0..2 {
+        let r = op.wait_result(i, "app").await?;
+        ensure!(outcomes(&r) == pairs(&[("app:1", "Removed")]), "{:?}", r);
+        let refs: BTreeSet<&str> = r.images[0].references.iter().map(String::as_str).collect();
+        ensure!(
+            names.iter().all(|n| refs.contains(n)) && refs.contains(app.id().as_str()),
+            "every reference reported: {refs:?}"
+        );
+        let left = records(&op, i).await?;
+        ensure!(
+            !left
+                .iter()
+                .any(|n| names.contains(&n.as_str()) || *n == app.id()),
+            "node {i} still holds {left:?}"
+        );
+        ensure!(r.bytes_freed > 0, "freed {}", r.bytes_freed);
+    }
+    let done = op
+        .wait_status("app", "Complete on 2 nodes", |r| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.target_nodes == 2 && s.succeeded == 2 && s.pending == 0)
+                && condition(r, "Complete").as_deref() == Some("True")
+        })
+        .await?;
+    let status = done.status.context("status")?;
+    ensure!(status.bytes_freed > 0 && status.failed == 0, "{status:?}");
+    ensure!(
+        records(&op, 2).await? == before,
+        "node-2 (pool b) must be untouched"
+    );
+    let report = Api::<NodeImageReport>::all(op.admin.clone())
+        .get(&op.node(2))
+        .await?;
+    ensure!(
+        report
+            .status
+            .as_ref()
+            .is_some_and(|s| s.removals.is_empty() && s.inventory.is_some()),
+        "node-2 reports its inventory and no removal: {:?}",
+        report.status
+    );
+
+    // Relabel node-2 into the pool: it becomes a target and executes.
+    Api::<Node>::all(op.admin.clone())
+        .patch(
+            &op.node(2),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"pool": "a"}}})),
+        )
+        .await?;
+    let r = op.wait_result(2, "app").await?;
+    ensure!(outcomes(&r) == pairs(&[("app:1", "Removed")]), "{r:?}");
+    op.wait_status("app", "Complete on 3 nodes", |r| {
+        r.status
+            .as_ref()
+            .is_some_and(|s| s.target_nodes == 3 && s.succeeded == 3)
+            && condition(r, "Complete").as_deref() == Some("True")
+    })
+    .await?;
+
+    // ttlSecondsAfterFinished deletes the finished removal; agents then drop its entries.
+    let removals = Api::<ImageRemoval>::all(op.admin.clone());
+    removals
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"ttlSecondsAfterFinished": 1}})),
+        )
+        .await?;
+    let removals = &removals;
+    wait_for("the TTL to delete the removal", CONVERGE, || async move {
+        Ok(removals.get_opt("app").await?.is_none().then_some(()))
+    })
+    .await
+    .with_context(|| op.logs())?;
+    let reports = &Api::<NodeImageReport>::all(op.admin.clone());
+    let op = &op;
+    wait_for(
+        "reports to drop the deleted removal",
+        CONVERGE,
+        || async move {
+            for i in 0..3 {
+                let r = reports.get(&op.node(i)).await?;
+                if r.status.is_some_and(|s| !s.removals.is_empty()) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// In-use images are kept unless `force`; pinned images always; absent images are success;
+/// invalid strings are refused by the API server, ambiguous ones touch nothing.
+async fn protections_force_and_bad_input() -> Result<()> {
+    let op = Operator::start(&[&[("pool", "a")]]).await?;
+    let socket = op.socket(0);
+    let used = ImageBuilder::new("op-used").build();
+    let pinned = ImageBuilder::new("op-pinned").build();
+    import(&socket, &used, &["docker.io/library/used:1"]).await?;
+    import_labelled(
+        &socket,
+        &pinned,
+        &["docker.io/library/keep:1"],
+        &[(PINNED_LABEL, "pinned")],
+    )
+    .await?;
+    testbed::cri::wait_synced(
+        &socket,
+        &[used.id(), pinned.id()],
+        &["docker.io/library/used:1", "docker.io/library/keep:1"],
+    )
+    .await?;
+    image::create_container(&socket, NS, "web", "docker.io/library/used:1", None).await?;
+
+    op.create_removal(
+        "protect",
+        serde_json::json!({"images": ["used:1", "keep:1", "absent:9"]}),
+    )
+    .await?;
+    let r = op.wait_result(0, "protect").await?;
+    ensure!(
+        outcomes(&r)
+            == pairs(&[
+                ("used:1", "InUse"),
+                ("keep:1", "Pinned"),
+                ("absent:9", "NotPresent")
+            ]),
+        "{r:?}"
+    );
+    let failed = op
+        .wait_status("protect", "Failed with samples", |r| {
+            condition(r, "Failed").as_deref() == Some("True")
+        })
+        .await?;
+    let status = failed.status.context("status")?;
+    let reasons: BTreeSet<&str> = status.failures.iter().map(|f| f.reason.as_str()).collect();
+    ensure!(
+        status.failed == 1 && reasons == BTreeSet::from(["InUse", "Pinned"]),
+        "{status:?}"
+    );
+    ensure!(records(&op, 0).await?.contains("docker.io/library/used:1"));
+
+    // force (a new generation) removes the in-use image; the pinned one still stays.
+    Api::<ImageRemoval>::all(op.admin.clone())
+        .patch(
+            "protect",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"force": true}})),
+        )
+        .await?;
+    let r = op.wait_result(0, "protect").await?;
+    ensure!(r.generation == 2, "{r:?}");
+    ensure!(
+        outcomes(&r)
+            == pairs(&[
+                ("used:1", "Removed"),
+                ("keep:1", "Pinned"),
+                ("absent:9", "NotPresent")
+            ]),
+        "{r:?}"
+    );
+    let left = records(&op, 0).await?;
+    ensure!(
+        !left.contains("docker.io/library/used:1") && left.contains("docker.io/library/keep:1"),
+        "{left:?}"
+    );
+
+    // Invalid strings never reach an agent: the API server refuses them.
+    let err = op
+        .create_removal("wild", serde_json::json!({"images": ["keep*"]}))
+        .await
+        .expect_err("a wildcard must be refused");
+    ensure!(format!("{err:#}").contains("wildcards"), "{err:#}");
+
+    // An ambiguous short ID (two images share the first hex digit here by construction)
+    // is reported and the whole request touches nothing.
+    let a = ImageBuilder::new("op-amb-a").build();
+    let (b, prefix) = (0..200)
+        .map(|n| ImageBuilder::new(format!("op-amb-b{n}")).build())
+        .find_map(|b| {
+            let (ia, ib) = (a.id(), b.id());
+            let (ha, hb) = (&ia[7..], &ib[7..]);
+            (ha[..1] == hb[..1]).then(|| (b.clone(), ha[..1].to_string()))
+        })
+        .context("no image with a shared first digit")?;
+    import(&socket, &a, &["docker.io/library/amb-a:1"]).await?;
+    import(&socket, &b, &["docker.io/library/amb-b:1"]).await?;
+    testbed::cri::wait_synced(
+        &socket,
+        &[a.id(), b.id()],
+        &["docker.io/library/amb-a:1", "docker.io/library/amb-b:1"],
+    )
+    .await?;
+    let before = records(&op, 0).await?;
+    op.create_removal(
+        "ambiguous",
+        serde_json::json!({"images": [prefix, "amb-a:1"]}),
+    )
+    .await?;
+    let r = op.wait_result(0, "ambiguous").await?;
+    let kinds: Vec<String> = outcomes(&r).into_iter().map(|(_, o)| o).collect();
+    ensure!(kinds == ["Ambiguous", "Skipped"], "{r:?}");
+    ensure!(records(&op, 0).await? == before, "nothing touched");
+    Ok(())
+}
+
+/// An agent SIGKILLed while a batch is half done is restarted and finishes it: no record is
+/// left pending or stranded, and the report shows the outcome.
+async fn agent_killed_mid_removal_finishes() -> Result<()> {
+    let mut op = Operator::start(&[&[("pool", "a")]]).await?;
+    let socket = op.socket(0);
+    const K: usize = 60;
+    let mut built: Vec<BuiltImage> = Vec::new();
+    let mut requested = Vec::new();
+    for n in 0..K {
+        let img = ImageBuilder::new(format!("op-kill-{n}"))
+            .layer_sizes(&[2048])
+            .build();
+        let a = format!("docker.io/library/kill{n}:1");
+        let b = format!("docker.io/library/kill{n}:2");
+        import(&socket, &img, &[&a, &b]).await?;
+        testbed::cri::wait_synced(&socket, &[img.id()], &[&a, &b]).await?;
+        requested.push(a);
+        built.push(img);
+    }
+    // Stop the agent so the kill lands while the batch is in flight: restart it only once
+    // the removal exists, then kill it as soon as containerd shows pending records.
+    op.kill_agent(0);
+    op.create_removal("big", serde_json::json!({"images": requested}))
+        .await?;
+    op.start_agent(0)?;
+    let sock = &socket;
+    let caught = wait_for("pending records", CONVERGE, || async move {
+        let rt = imagegc::containerd::Runtime::connect(sock, NS).await?;
+        let recs = rt.list_images().await?;
+        Ok(recs
+            .iter()
+            .any(|r| r.labels.contains_key(PENDING_LABEL))
+            .then_some(()))
+    })
+    .await;
+    op.kill_agent(0);
+    caught.with_context(|| op.logs())?;
+    let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
+    let interrupted = rt
+        .list_images()
+        .await?
+        .into_iter()
+        .filter(|r| r.labels.contains_key(PENDING_LABEL))
+        .count();
+    ensure!(
+        interrupted > 0,
+        "the kill must land mid-batch (pending records left)"
+    );
+
+    op.start_agent(0)?;
+    let r = op.wait_result(0, "big").await?;
+    ensure!(
+        r.images
+            .iter()
+            .all(|i| i.outcome == "Removed" || i.outcome == "NotPresent"),
+        "{r:?}"
+    );
+    let left = records(&op, 0).await?;
+    let ids: BTreeSet<String> = built.iter().map(|b| b.id()).collect();
+    ensure!(
+        !left
+            .iter()
+            .any(|n| n.starts_with("docker.io/library/kill") || ids.contains(n)),
+        "stranded records: {left:?}"
+    );
+    let pending = rt
+        .list_images()
+        .await?
+        .into_iter()
+        .filter(|r| r.labels.contains_key(PENDING_LABEL))
+        .count();
+    ensure!(pending == 0, "{pending} records still pending");
+    // Nothing of the removed images keeps content alive once the collector ran.
+    image::force_gc(&socket, NS).await?;
+    let content = image::content_digests(&socket, NS).await?;
+    let leaked: Vec<&BuiltImage> = built
+        .iter()
+        .filter(|b| b.digests().iter().any(|d| content.contains(d)))
+        .collect();
+    ensure!(
+        leaked.is_empty(),
+        "{} images' content still on disk",
+        leaked.len()
+    );
+    Ok(())
+}
+
+/// The admission policy holds with a real agent's credentials: node-0's agent token may write
+/// node-0's NodeImageReport and is refused for node-1's.
+async fn agent_cannot_write_another_nodes_report() -> Result<()> {
+    let op = Operator::start(&[&[("pool", "a")], &[("pool", "a")]]).await?;
+    let reports_as_0 = Api::<NodeImageReport>::all(
+        testbed::cluster::client_from_kubeconfig(&op.agent_kubeconfigs[0]).await?,
+    );
+    let own = op.node(0);
+    let other = op.node(1);
+    // The agent itself created its own report.
+    let (admin, own_name) = (&op.admin, &own);
+    wait_for("node-0's own report", CONVERGE, || async move {
+        Ok(Api::<NodeImageReport>::all(admin.clone())
+            .get_opt(own_name)
+            .await?
+            .map(|_| ()))
+    })
+    .await
+    .with_context(|| op.logs())?;
+    let params = PatchParams::apply("intruder").force();
+    let forged = |node: &str| {
+        Patch::Apply(serde_json::json!({
+            "apiVersion": "imagegc.dev/v1alpha1", "kind": "NodeImageReport",
+            "metadata": {"name": node}, "spec": {"nodeName": node},
+            "status": {"removals": []},
+        }))
+    };
+    let wrote_own = reports_as_0
+        .patch_status(&own, &params, &forged(&own))
+        .await;
+    ensure!(wrote_own.is_ok(), "own report: {wrote_own:?}");
+    for (what, result) in [
+        (
+            "status of another node's report",
+            reports_as_0
+                .patch_status(&other, &params, &forged(&other))
+                .await,
+        ),
+        (
+            "another node's report",
+            reports_as_0.patch(&other, &params, &forged(&other)).await,
+        ),
+        (
+            "a report for a made-up node",
+            reports_as_0
+                .patch("node-9", &params, &forged("node-9"))
+                .await,
+        ),
+    ] {
+        match result {
+            Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => {
+                ensure!(
+                    s.message.contains("own node")
+                        || s.message.contains("ValidatingAdmissionPolicy"),
+                    "{what}: refused, but not by the policy: {}",
+                    s.message
+                );
+            }
+            other => bail!("{what}: expected a refusal, got {other:?}"),
+        }
+    }
+    Ok(())
+}
