@@ -1,6 +1,6 @@
-//! Carries out a [`Plan`]: mark every record pending, delete them in the plan's order with the
-//! last delete synchronous (one garbage collection per batch), then verify nothing of a removed
-//! image came back and measure what was freed.
+//! Carries out a [`Plan`]: label the last record of each image pending, delete the records in
+//! the plan's order with the last delete synchronous (one garbage collection per batch), then
+//! verify nothing of a removed image came back and measure what was freed.
 
 use std::collections::BTreeSet;
 
@@ -47,8 +47,7 @@ pub async fn execute(
         return Ok(done);
     }
     let before = rt.content_sizes().await?;
-    let resumed: BTreeSet<&String> = done.plan.resumed.iter().collect();
-    for name in done.plan.deletes.iter().filter(|n| !resumed.contains(n)) {
+    for name in &done.plan.marks {
         rt.set_label(name, PENDING_LABEL, "true").await?;
     }
     let deletes = done.plan.deletes.clone();

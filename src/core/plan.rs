@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::core::inventory::Inventory;
+use crate::core::inventory::{CriImage, Inventory};
 use crate::core::resolve::{Resolution, resolve};
 
 /// What the caller asked for.
@@ -126,13 +126,34 @@ pub struct Plan {
     /// One entry per requested string, in request order.
     pub items: Vec<Item>,
     /// Record names to delete, in order. Per image the `sha256:<id>` record goes first and
-    /// the other names follow in CRI order, so an interruption never strands a record that
-    /// only an ID reaches; records left pending by an interrupted run come first of all.
-    /// The executor marks all of them pending before deleting any, and makes the last
-    /// delete synchronous (one garbage collection per batch).
+    /// the other names follow in CRI order. Images left pending by an interrupted run come
+    /// first of all, every remaining reference of each, its pending record last. The executor
+    /// labels [`Plan::marks`] before deleting anything, and makes the last delete synchronous
+    /// (one garbage collection per batch).
     pub deletes: Vec<String>,
+    /// The records to label pending before any delete: the last record of each image in
+    /// `deletes`. An interrupted run therefore leaves, for every image it had started, a
+    /// labelled record until the image's very last record is gone, and the next plan finds
+    /// the rest of the image through it — so nothing an interruption leaves is stranded, at
+    /// the cost of one label per image rather than one per record.
+    pub marks: Vec<String>,
     /// Which of `deletes` finish an earlier, interrupted removal.
     pub resumed: Vec<String>,
+}
+
+/// `image`'s references in delete order: the ID record first, then the names in CRI order,
+/// and `last` (if it is one of them) at the end.
+fn delete_order<'a>(image: &'a CriImage, last: Option<&str>) -> Vec<&'a String> {
+    let (first, rest): (Vec<&String>, Vec<&String>) = image
+        .references
+        .iter()
+        .filter(|r| Some(r.as_str()) != last)
+        .partition(|r| **r == image.id);
+    let mut order: Vec<&String> = first.into_iter().chain(rest).collect();
+    if let Some(last) = image.references.iter().find(|r| Some(r.as_str()) == last) {
+        order.push(last);
+    }
+    order
 }
 
 /// Plans `request` against `inventory`.
@@ -141,9 +162,26 @@ pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
     let mut plan = Plan::default();
     let mut seen: BTreeSet<String> = BTreeSet::new();
     for name in &inventory.pending {
-        plan.resumed.push(name.clone());
-        plan.deletes.push(name.clone());
-        seen.insert(name.clone());
+        if seen.contains(name) {
+            continue;
+        }
+        // The whole image the pending record belongs to, the pending record last; a record
+        // that no longer reads as an image goes alone.
+        match inventory.images.values().find(|i| i.references.contains(name)) {
+            Some(image) => {
+                for r in delete_order(image, Some(name)) {
+                    if seen.insert(r.clone()) {
+                        plan.resumed.push(r.clone());
+                        plan.deletes.push(r.clone());
+                    }
+                }
+            }
+            None => {
+                seen.insert(name.clone());
+                plan.resumed.push(name.clone());
+                plan.deletes.push(name.clone());
+            }
+        }
     }
     for input in &request.images {
         let outcome = match resolve(input, &ids, &inventory.ref_to_id) {
@@ -160,13 +198,14 @@ pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
                     used_by: image.used_by.clone(),
                 },
                 Some(image) => {
-                    let (first, rest): (Vec<&String>, Vec<&String>) =
-                        image.references.iter().partition(|r| **r == image.id);
-                    for r in first.into_iter().chain(rest) {
+                    let mut last_new = None;
+                    for r in delete_order(image, None) {
                         if seen.insert(r.clone()) {
                             plan.deletes.push(r.clone());
+                            last_new = Some(r.clone());
                         }
                     }
+                    plan.marks.extend(last_new);
                     Outcome::Remove {
                         id,
                         references: image.references.clone(),
@@ -420,21 +459,40 @@ mod tests {
                 "docker.io/library/nginx:latest",
             ])
         );
+        // One mark per image: its last delete.
+        assert_eq!(
+            p.marks,
+            strings(&["docker.io/library/redis:7", "docker.io/library/nginx:latest"])
+        );
+    }
+
+    #[test]
+    fn a_pending_record_brings_its_whole_image_and_is_deleted_last() {
+        // An interrupted run left nginx's mark (its last record); the rest is unlabelled.
+        let inv = inventory(&["docker.io/library/nginx:1.25"]);
+        let p = plan(&Request::default(), &inv);
+        let expected = strings(&[
+            &nginx(),
+            "docker.io/library/nginx:latest",
+            "docker.io/library/nginx:1.25",
+        ]);
+        assert_eq!(p.resumed, expected);
+        assert_eq!(p.deletes, expected);
+        assert!(p.marks.is_empty(), "the pending record already carries the mark");
     }
 
     #[test]
     fn pending_reference_of_a_requested_image_is_deleted_once() {
         let inv = inventory(&["docker.io/library/nginx:latest"]);
         let p = plan(&request(&["nginx:1.25"], false), &inv);
-        assert_eq!(p.resumed, strings(&["docker.io/library/nginx:latest"]));
-        assert_eq!(
-            p.deletes,
-            strings(&[
-                "docker.io/library/nginx:latest",
-                &nginx(),
-                "docker.io/library/nginx:1.25",
-            ])
-        );
+        let expected = strings(&[
+            &nginx(),
+            "docker.io/library/nginx:1.25",
+            "docker.io/library/nginx:latest",
+        ]);
+        assert_eq!(p.resumed, expected);
+        assert_eq!(p.deletes, expected);
+        assert!(p.marks.is_empty());
         // The outcome still lists every reference of the image.
         assert_eq!(outcomes(&p), vec![&nginx_removed()]);
     }

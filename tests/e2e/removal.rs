@@ -467,16 +467,24 @@ async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
         import(socket, &keep, &["docker.io/library/keep:1"]).await?;
         testbed::cri::wait_synced(socket, &[a.id(), keep.id()], &names).await?;
     }
-    // The first half of a run: every record marked, then only the ID record and one name
-    // deleted before the "crash".
+    // The first half of a run, as the executor does it: the plan's marks labelled, then the
+    // first two deletes (the ID record and one name) done before the "crash".
     let rt = Runtime::connect(ours, NS).await?;
     let inv = rt.inventory(&Matcher::only(Platform::host())).await?;
-    let refs = inv.images[&a.id()].references.clone();
-    for r in &refs {
+    let p = plan::plan(
+        &Request {
+            images: vec![names[0].to_string()],
+            force: false,
+        },
+        &inv,
+    );
+    ensure!(p.marks.len() == 1 && p.deletes.len() == 4, "{p:?}");
+    ensure!(p.deletes[0] == a.id(), "{p:?}");
+    for r in &p.marks {
         rt.set_label(r, PENDING_LABEL, "true").await?;
     }
-    rt.delete_image(&a.id(), false).await?;
-    rt.delete_image(names[0], false).await?;
+    rt.delete_image(&p.deletes[0], false).await?;
+    rt.delete_image(&p.deletes[1], false).await?;
 
     let (code, out) = rmi(ours, &["docker.io/library/absent:1"])?;
     ensure!(code == 0, "exit {code}: {out}");
