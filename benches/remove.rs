@@ -296,7 +296,7 @@ async fn imagegc_remove(socket: &Path, ids: &[String]) -> Result<(Duration, [Dur
         .filter(|i| !matches!(i.outcome, Outcome::Remove { .. }))
         .map(|i| i.outcome.kind())
         .collect();
-    containerd::execute(&rt, plan, &matcher).await?;
+    containerd::execute(&rt, plan).await?;
     let end = Instant::now();
     ensure!(
         not_removed.is_empty(),

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# make demo: a local test bed (3 containerd nodes, etcd + kube-apiserver), the CRDs installed,
-# demo images on every node, then imagegc at a node's shell. Everything is torn down at the end.
+# make demo: a local test bed (3 containerd nodes, etcd + kube-apiserver), the chart's manifests
+# (CRDs, RBAC, admission policy), one agent per node and the controller as local processes,
+# demo images on every node, then examples/imageremoval.yaml applied and watched until it is
+# finished. Everything is torn down at the end, on every exit path.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -13,32 +15,113 @@ cargo build -q -p testbed --bin testbed
 cargo build -q --bin imagegc
 imagegc=$CARGO_TARGET_DIR/debug/imagegc
 kubectl=$(bash hack/tools.sh path kubectl)/kubectl
+ns=imagegc-system
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  bash hack/testbed down
+}
 
 step "start the test bed: 3 containerd nodes and an API server"
 bash hack/testbed up --nodes 3
-trap 'bash hack/testbed down' EXIT
+trap cleanup EXIT
 eval "$(bash hack/testbed env)"
+state=$IMAGEGC_TESTBED_STATE
 
-step "install the CRDs generated from the API types"
-show "$kubectl" apply -f crds/imagegc.dev.yaml
+step "install the chart's manifests: CRDs, ServiceAccounts, RBAC, admission policy"
+for _ in $(seq 1 30); do "$kubectl" apply --server-side -f deploy/imagegc.yaml >"$state/apply.log" 2>&1 && break; sleep 1; done
+grep -E 'customresourcedefinition|clusterrole |validatingadmissionpolicy ' "$state/apply.log" || cat "$state/apply.log"
 "$kubectl" wait --for condition=established --timeout=60s crd/imageremovals.imagegc.dev crd/nodeimagereports.imagegc.dev
-show "$kubectl" get crd -o custom-columns=NAME:.metadata.name,SHORT:.spec.names.shortNames
+
+step "three Nodes: node-0 and node-1 in the blue pool, node-2 in the green one"
+for i in 0 1 2; do
+  pool=blue; [ "$i" = 2 ] && pool=green
+  "$kubectl" apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Node
+metadata: {name: node-$i, labels: {pool: $pool}}
+YAML
+done
+show "$kubectl" get nodes -L pool
 
 step "put demo images on every node (an app, a web image in use, the pinned sandbox image)"
 # shellcheck disable=SC2086
 "$CARGO_TARGET_DIR/debug/testbed" seed $NODE_SOCKETS
 
-step "node-0's images, grouped by ID"
+# What a kubelet would give each agent: a token of the agent ServiceAccount bound to its Pod,
+# which carries the node's name (the admission policy checks it). The Pods never run here.
+kubeconfig_for() { # user token file
+  cp "$KUBECONFIG" "$3"
+  "$kubectl" --kubeconfig "$3" config set-credentials "$1" --token "$2" >/dev/null
+  "$kubectl" --kubeconfig "$3" config set-context --current --user "$1" >/dev/null
+}
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+step "start one agent per node and the controller (as the DaemonSet and Deployment would)"
+sockets=($NODE_SOCKETS)
+for i in 0 1 2; do
+  "$kubectl" -n "$ns" apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: imagegc-agent-node-$i}
+spec:
+  nodeName: node-$i
+  serviceAccountName: imagegc-agent
+  containers: [{name: agent, image: ghcr.io/imagegc/imagegc:0.1.0}]
+YAML
+  uid=$("$kubectl" -n "$ns" get pod "imagegc-agent-node-$i" -o jsonpath='{.metadata.uid}')
+  token=$("$kubectl" -n "$ns" create token imagegc-agent --duration 1h \
+    --bound-object-kind Pod --bound-object-name "imagegc-agent-node-$i" --bound-object-uid "$uid")
+  kubeconfig_for "agent-node-$i" "$token" "$state/agent-$i.kubeconfig"
+  KUBECONFIG=$state/agent-$i.kubeconfig NODE_NAME=node-$i \
+    "$imagegc" agent --socket "${sockets[$i]}" --listen "127.0.0.1:$(port)" \
+    >"$state/agent-$i.log" 2>&1 &
+  pids+=($!)
+  echo "agent on node-$i: pid $!, log $state/agent-$i.log"
+done
+token=$("$kubectl" -n "$ns" create token imagegc-controller --duration 1h)
+kubeconfig_for controller "$token" "$state/controller.kubeconfig"
+cport=$(port)
+KUBECONFIG=$state/controller.kubeconfig \
+  "$imagegc" controller --lease-namespace "$ns" --identity demo --listen "127.0.0.1:$cport" \
+  >"$state/controller.log" 2>&1 &
+pids+=($!)
+echo "controller: pid $!, log $state/controller.log, metrics http://127.0.0.1:$cport/metrics"
+
+step "every agent reports its node's images"
+for _ in $(seq 1 60); do
+  [ "$("$kubectl" get nodeimagereports -o name | wc -l)" = 3 ] && break; sleep 0.5
+done
+show "$kubectl" get nodeimagereports
+
+step "apply examples/imageremoval.yaml (blue pool: remove acme/app:1.0; web is in use, pause pinned)"
+cat examples/imageremoval.yaml
+show "$kubectl" apply -f examples/imageremoval.yaml
+for _ in $(seq 1 60); do
+  done=$("$kubectl" get imageremoval retire-app-1.0 -o jsonpath='{.status.pending}/{.status.targetNodes}' 2>/dev/null || true)
+  [ "$done" = "0/2" ] && break; sleep 0.5
+done
+show "$kubectl" get imageremovals,nodeimagereports
+
+step "what happened on node-0, per image"
+show "$kubectl" get nodeimagereport node-0 -o jsonpath='{range .status.removals[0].images[*]}{.image}{"\t"}{.outcome}{"\t"}{.message}{"\n"}{end}'
+step "the Events the agents and the controller published"
+show "$kubectl" get events.v1.events.k8s.io -n default \
+  -o custom-columns=TYPE:.type,REASON:.reason,OBJECT:.regarding.name,FROM:.reportingController,NOTE:.note
+
+step "force it: a new generation removes the in-use web image too; pause stays pinned"
+show "$kubectl" patch imageremoval retire-app-1.0 --type merge -p '{"spec":{"force":true}}'
+gen=$("$kubectl" get imageremoval retire-app-1.0 -o jsonpath='{.metadata.generation}')
+for _ in $(seq 1 60); do
+  got=$("$kubectl" get imageremoval retire-app-1.0 -o jsonpath='{.status.observedGeneration}/{.status.pending}')
+  [ "$got" = "$gen/0" ] && break; sleep 0.5
+done
+show "$kubectl" get imageremovals -o wide
+
+step "node-0 afterwards; node-2 (green pool) untouched"
 show "$imagegc" images --socket "$NODE0_SOCKET"
+show "$imagegc" images --socket "$NODE2_SOCKET"
 
-step "what removing them would do (nothing changes)"
-show "$imagegc" rmi --socket "$NODE0_SOCKET" --dry-run acme/app:1.0 docker.io/acme/web:2.3 registry.k8s.io/pause:3.10 || true
-
-step "remove them: the app goes with every reference; the in-use and pinned images stay"
-show "$imagegc" rmi --socket "$NODE0_SOCKET" acme/app:1.0 docker.io/acme/web:2.3 registry.k8s.io/pause:3.10 || true
-
-step "node-0 afterwards; node-1 untouched"
-show "$imagegc" images --socket "$NODE0_SOCKET"
-show "$imagegc" images --socket "$NODE1_SOCKET"
-
-step "done; tearing down"
+step "done; stopping the agents and the controller, tearing down"

@@ -183,7 +183,7 @@ pub async fn rmi(
         )?;
         return Ok(ok);
     }
-    let done = containerd::execute(&rt, plan, &matcher).await?;
+    let done = containerd::execute(&rt, plan).await?;
     if !done.deleted.is_empty() || !done.already_gone.is_empty() {
         writeln!(
             out,

@@ -9,7 +9,7 @@
 mod metrics;
 pub mod report;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,6 +151,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         matcher: Matcher::only(Platform::host()),
         runtime: None,
         entries: Vec::new(),
+        done: HashSet::new(),
         created: false,
         inventory: None,
         inventory_due: Instant::now(),
@@ -237,6 +238,9 @@ struct Agent {
     runtime: Option<Runtime>,
     /// The report's removal entries as last written.
     entries: Vec<RemovalResult>,
+    /// Every execution finished by this process or found in the report at start. Entries can
+    /// leave the report (it is bounded); this set keeps them from running again.
+    done: HashSet<Key>,
     /// Whether the report object (metadata and spec) has been applied by this process.
     created: bool,
     inventory: Option<InventorySummary>,
@@ -257,6 +261,11 @@ impl Agent {
                     self.entries = status.removals;
                     self.inventory = status.inventory;
                 }
+                self.done.extend(self.entries.iter().map(|r| Key {
+                    name: r.name.clone(),
+                    uid: r.uid.clone(),
+                    generation: r.generation,
+                }));
                 tracing::info!(
                     entries = self.entries.len(),
                     "read this node's existing NodeImageReport"
@@ -307,7 +316,7 @@ impl Agent {
                 }
             }
             let key = key_of(removal);
-            if report::is_done(&self.entries, &key) {
+            if self.done.contains(&key) || report::is_done(&self.entries, &key) {
                 continue;
             }
             if let Some(retry) = self.retries.get(&key.uid)
@@ -324,6 +333,7 @@ impl Agent {
             match self.execute(&key, &removal).await {
                 Ok(result) => {
                     self.retries.remove(&key.uid);
+                    self.done.insert(key.clone());
                     self.record(&result);
                     if result.phase == RemovalPhase::Failed {
                         let note = report::failure_summary(&self.node, &result);
@@ -484,7 +494,7 @@ impl Agent {
         let mut freed = 0;
         if !spec.dry_run && !report::blocked(&plan) {
             let rt = self.runtime().await?;
-            let executed = containerd::execute(&rt, plan.clone(), &self.matcher).await;
+            let executed = containerd::execute(&rt, plan.clone()).await;
             let executed = match executed {
                 Ok(done) => done,
                 Err(e) => {

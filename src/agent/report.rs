@@ -167,7 +167,8 @@ pub fn result(key: &Key, plan: &Plan, dry_run: bool, bytes_freed: i64, now: Time
 
 /// The report's entries after `new` (if any) replaces the entry of the same name, entries of
 /// removals that no longer exist (`live` holds the current `(name, uid)` pairs) are dropped,
-/// and only the [`MAX_REMOVALS`] most recently finished are kept. Sorted by name.
+/// and only the [`MAX_REMOVALS`] most recently finished are kept, within
+/// [`MAX_ENTRIES_BYTES`] (see [`fit`]). Sorted by name.
 pub fn merge(
     current: &[RemovalResult],
     new: Option<RemovalResult>,
@@ -192,7 +193,52 @@ pub fn merge(
         entries.truncate(MAX_REMOVALS);
         entries.sort_by(|a, b| a.name.cmp(&b.name));
     }
-    entries
+    fit(entries, MAX_ENTRIES_BYTES)
+}
+
+/// Serialized size the report's entries are kept under (the NodeImageReport stays far below
+/// etcd's 1.5 MiB object limit whatever the removals hold).
+pub const MAX_ENTRIES_BYTES: usize = 512 * 1024;
+
+fn encoded_len(entries: &[RemovalResult]) -> usize {
+    serde_json::to_vec(entries).map(|v| v.len()).unwrap_or(usize::MAX)
+}
+
+/// Shrinks `entries` (sorted by name) under `budget` serialized bytes: first the oldest
+/// entries lose the reference lists and messages of their successful images (the outcome
+/// stays), then the oldest entries go. The newest entry is always kept whole.
+pub fn fit(mut entries: Vec<RemovalResult>, budget: usize) -> Vec<RemovalResult> {
+    if encoded_len(&entries) <= budget {
+        return entries;
+    }
+    let mut by_age: Vec<usize> = (0..entries.len()).collect();
+    by_age.sort_by_key(|&i| (entries[i].finished.as_ref().map(|t| t.0), entries[i].name.clone()));
+    let newest = by_age.pop();
+    for &i in &by_age {
+        for image in &mut entries[i].images {
+            if SUCCESS_OUTCOMES.contains(&image.outcome.as_str()) {
+                image.references.clear();
+                image.message.clear();
+            }
+        }
+        if encoded_len(&entries) <= budget {
+            return entries;
+        }
+    }
+    let mut dropped = BTreeSet::new();
+    for &i in &by_age {
+        dropped.insert(i);
+        let kept: Vec<RemovalResult> = entries
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| !dropped.contains(j))
+            .map(|(_, e)| e.clone())
+            .collect();
+        if encoded_len(&kept) <= budget {
+            return kept;
+        }
+    }
+    newest.map(|i| vec![entries.swap_remove(i)]).unwrap_or_default()
 }
 
 /// A one-paragraph summary of what failed in `result`, for an Event.
@@ -392,6 +438,40 @@ mod tests {
         let r = refused(&key("x", 1), &many, false, "too many", at(1));
         assert_eq!(r.images.len(), MAX_IMAGES);
         assert_eq!(r.phase, RemovalPhase::Failed);
+    }
+
+    #[test]
+    fn reports_stay_under_their_byte_budget() {
+        // Worst case the schema allows: 20 removals of 100 images, every string at its cap.
+        let image = ImageResult {
+            image: "i".repeat(MAX_MESSAGE),
+            outcome: "Removed".into(),
+            id: Some(format!("sha256:{}", "a".repeat(64))),
+            references: vec!["r".repeat(MAX_MESSAGE); MAX_REFERENCES],
+            message: "m".repeat(MAX_MESSAGE),
+        };
+        let entries: Vec<RemovalResult> = (0..MAX_REMOVALS)
+            .map(|i| RemovalResult {
+                name: format!("r{i:02}"),
+                uid: format!("uid-r{i:02}"),
+                generation: 1,
+                finished: Some(at(i as i64)),
+                images: vec![image.clone(); MAX_IMAGES],
+                ..Default::default()
+            })
+            .collect();
+        assert!(encoded_len(&entries) > 4 * MAX_ENTRIES_BYTES, "the case is real");
+        let fitted = fit(entries, MAX_ENTRIES_BYTES);
+        assert!(encoded_len(&fitted) <= MAX_ENTRIES_BYTES);
+        let newest = fitted.iter().find(|e| e.name == "r19").expect("newest kept");
+        assert_eq!(newest.images[0], image, "the newest entry is whole");
+        assert!(fitted.len() < MAX_REMOVALS, "older entries went");
+        // Small reports are untouched.
+        let small = vec![RemovalResult {
+            images: vec![image.clone()],
+            ..Default::default()
+        }];
+        assert_eq!(fit(small.clone(), MAX_ENTRIES_BYTES), small);
     }
 
     #[test]

@@ -265,8 +265,6 @@ impl Runtime {
     /// Sets `key=value` on the image record `name` (other labels are kept). A record that is
     /// already gone is not an error.
     pub async fn set_label(&self, name: &str, key: &str, value: &str) -> Result<(), RuntimeError> {
-        // containerd dereferences the request's target even when the mask names only a label
-        // (a request without one crashes some versions), so send the record's own target.
         let current = match ImagesClient::new(self.channel.clone())
             .get(self.req(GetImageRequest {
                 name: name.to_string(),
@@ -277,13 +275,32 @@ impl Runtime {
             Err(s) if s.code() == Code::NotFound => return Ok(()),
             Err(s) => return Err(call_err(format!("get image {name}"))(s)),
         };
-        let Some(current) = current else {
-            return Ok(());
-        };
+        match current.and_then(image_record) {
+            Some(record) => self.label_record(&record, key, value).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sets `key=value` on `record` as listed (other labels are kept), in one call. A record
+    /// that is already gone is not an error.
+    pub async fn label_record(
+        &self,
+        record: &ImageRecord,
+        key: &str,
+        value: &str,
+    ) -> Result<(), RuntimeError> {
+        // containerd dereferences the request's target even when the mask names only a label
+        // (a request without one crashes some versions), so send the record's own target.
+        let t = &record.target;
         let image = Image {
-            name: name.to_string(),
+            name: record.name.clone(),
             labels: HashMap::from([(key.to_string(), value.to_string())]),
-            target: current.target,
+            target: Some(containerd_client::types::Descriptor {
+                media_type: t.media_type.clone(),
+                digest: t.digest.clone(),
+                size: t.size,
+                annotations: t.annotations.clone().into_iter().collect(),
+            }),
             ..Default::default()
         };
         let mask = prost_types::FieldMask {
@@ -299,7 +316,7 @@ impl Runtime {
         {
             Ok(_) => Ok(()),
             Err(s) if s.code() == Code::NotFound => Ok(()),
-            Err(s) => Err(call_err(format!("label image {name}"))(s)),
+            Err(s) => Err(call_err(format!("label image {}", record.name))(s)),
         }
     }
 

@@ -294,7 +294,7 @@ pub async fn remove(socket: &Path, images: &[String], force: bool) -> Result<Vec
         &inv,
     );
     let kinds = plan.items.iter().map(|i| i.outcome.kind()).collect();
-    containerd::execute(&rt, plan, &matcher).await?;
+    containerd::execute(&rt, plan).await?;
     Ok(kinds)
 }
 
