@@ -5,7 +5,9 @@ mod execute;
 
 pub use execute::{Executed, execute};
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use futures::future::try_join_all;
 use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::{
@@ -26,6 +28,9 @@ use crate::core::platform::Matcher;
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
 /// The namespace the CRI plugin (and so Kubernetes) uses.
 pub const DEFAULT_NAMESPACE: &str = "k8s.io";
+
+/// Content reads in flight at once while building an inventory.
+const READ_CONCURRENCY: usize = 16;
 
 /// CRI's container metadata extension, which names the image a container was created from.
 const CRI_CONTAINER_METADATA: &str = "io.cri-containerd.container.metadata";
@@ -238,26 +243,50 @@ impl Runtime {
     }
 
     /// Reads the namespace into the CRI view for the platform `matcher` describes.
+    ///
+    /// Blobs are read level by level (indexes, then manifests, then configs) for all records
+    /// at once, [`READ_CONCURRENCY`] reads in flight, each distinct blob once.
     pub async fn inventory(&self, matcher: &Matcher) -> Result<Inventory, RuntimeError> {
-        let records = self.list_images().await?;
-        let containers = self.list_containers().await?;
+        let (records, containers) = tokio::try_join!(self.list_images(), self.list_containers())?;
         let mut blobs: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut missing: BTreeSet<String> = BTreeSet::new();
         let mut selections: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
-        for record in &records {
-            let result = loop {
+        let mut open: Vec<&ImageRecord> = records.iter().collect();
+        while !open.is_empty() {
+            let mut wanted: BTreeSet<String> = BTreeSet::new();
+            let mut still_open = Vec::new();
+            for record in open {
                 match manifest::select(&record.target, &blobs, matcher) {
+                    Err(ManifestError::MissingBlob(digest)) if missing.contains(&digest) => {
+                        selections.insert(
+                            record.name.clone(),
+                            Err(format!("content {digest} is missing")),
+                        );
+                    }
                     Err(ManifestError::MissingBlob(digest)) => {
-                        match self.read_blob(&digest).await? {
-                            Some(bytes) => {
-                                blobs.insert(digest, bytes);
-                            }
-                            None => break Err(format!("content {digest} is missing")),
+                        wanted.insert(digest);
+                        still_open.push(record);
+                    }
+                    other => {
+                        selections.insert(record.name.clone(), other.map_err(|e| e.to_string()));
+                    }
+                }
+            }
+            let wanted: Vec<String> = wanted.into_iter().collect();
+            for chunk in wanted.chunks(READ_CONCURRENCY) {
+                let reads: Vec<_> = chunk.iter().map(|d| self.read_blob(d)).collect();
+                for (digest, blob) in chunk.iter().zip(try_join_all(reads).await?) {
+                    match blob {
+                        Some(bytes) => {
+                            blobs.insert(digest.clone(), bytes);
+                        }
+                        None => {
+                            missing.insert(digest.clone());
                         }
                     }
-                    other => break other.map_err(|e| e.to_string()),
                 }
-            };
-            selections.insert(record.name.clone(), result);
+            }
+            open = still_open;
         }
         Ok(Inventory::build(&records, &selections, &containers))
     }
