@@ -8,6 +8,7 @@
 //! - [`containerd`]: the thin gRPC shell that reads a namespace into the core's types and
 //!   executes a plan.
 //! - [`api`]: the Kubernetes objects (CRDs generated from these types).
+//! - [`controller`]: `imagegc controller` — folds NodeImageReports into ImageRemoval status.
 //! - [`events`], [`serve`]: what the long-running processes share — Events, logging,
 //!   `/metrics`, `/livez`, `/readyz`, shutdown.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@
 pub mod api;
 pub mod cli;
 pub mod containerd;
+pub mod controller;
 pub mod core;
 pub mod events;
 pub mod serve;

@@ -45,6 +45,8 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions generated from the API types (`crds/` holds them).
     Crdgen,
+    /// Fold every node's NodeImageReport into ImageRemoval status (leader-elected Deployment).
+    Controller(imagegc::controller::ControllerArgs),
 }
 
 #[tokio::main]
@@ -57,6 +59,15 @@ async fn main() -> ExitCode {
             .and_then(|y| out.write_all(y.as_bytes()).map_err(|e| e.to_string()))
             .map(|()| true)
             .map_err(cli::CliError::Generate),
+        Command::Controller(args) => {
+            return match imagegc::controller::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("imagegc controller: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         Command::Images { target, output } => {
             cli::images(&target, output, &mut out).await.map(|()| true)
         }

@@ -6,6 +6,7 @@
 mod api;
 mod bed;
 mod cli;
+mod controller;
 mod removal;
 mod support;
 
@@ -15,6 +16,7 @@ fn main() {
     trials.extend(api::trials());
     trials.extend(bed::trials());
     trials.extend(cli::trials());
+    trials.extend(controller::trials());
     trials.extend(removal::trials());
     let conclusion = libtest_mimic::run(&args, trials);
     testbed::process::cleanup_all();
