@@ -53,13 +53,20 @@ impl Publisher {
     ) where
         K: Resource<DynamicType = ()>,
     {
+        let now = k8s_openapi::jiff::Timestamp::now();
         let event = Event {
             metadata: ObjectMeta {
-                generate_name: Some(format!("{}.", regarding.name_any())),
+                // `<object>.<nanoseconds in hex>`, as client-go names Events. (A `generateName`
+                // ending in `.` is rejected: only a trailing `-` is allowed in a prefix.)
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name_any(),
+                    now.as_nanosecond()
+                )),
                 namespace: Some(EVENTS_NAMESPACE.into()),
                 ..Default::default()
             },
-            event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+            event_time: Some(MicroTime(now)),
             type_: Some(
                 match severity {
                     Severity::Normal => "Normal",

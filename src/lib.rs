@@ -9,6 +9,7 @@
 //!   executes a plan.
 //! - [`api`]: the Kubernetes objects (CRDs generated from these types).
 //! - [`agent`]: `imagegc agent`, the per-node DaemonSet.
+//! - [`controller`]: `imagegc controller` — folds NodeImageReports into ImageRemoval status.
 //! - [`events`], [`serve`]: what the long-running processes share — Events, logging,
 //!   `/metrics`, `/livez`, `/readyz`, shutdown.
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod agent;
 pub mod api;
 pub mod cli;
 pub mod containerd;
+pub mod controller;
 pub mod core;
 pub mod events;
 pub mod serve;

@@ -48,6 +48,8 @@ enum Command {
     Agent(imagegc::agent::AgentArgs),
     /// Print the CustomResourceDefinitions generated from the API types (`crds/` holds them).
     Crdgen,
+    /// Fold every node's NodeImageReport into ImageRemoval status (leader-elected Deployment).
+    Controller(imagegc::controller::ControllerArgs),
 }
 
 #[tokio::main]
@@ -60,6 +62,15 @@ async fn main() -> ExitCode {
             .and_then(|y| out.write_all(y.as_bytes()).map_err(|e| e.to_string()))
             .map(|()| true)
             .map_err(cli::CliError::Generate),
+        Command::Controller(args) => {
+            return match imagegc::controller::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("imagegc controller: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         Command::Images { target, output } => {
             cli::images(&target, output, &mut out).await.map(|()| true)
         }
@@ -73,9 +84,8 @@ async fn main() -> ExitCode {
             return match imagegc::agent::run(args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!(error = %e, "agent stopped");
                     eprintln!("imagegc agent: {e}");
-                    ExitCode::from(2)
+                    ExitCode::from(1)
                 }
             };
         }

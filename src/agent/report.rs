@@ -201,7 +201,9 @@ pub fn merge(
 pub const MAX_ENTRIES_BYTES: usize = 512 * 1024;
 
 fn encoded_len(entries: &[RemovalResult]) -> usize {
-    serde_json::to_vec(entries).map(|v| v.len()).unwrap_or(usize::MAX)
+    serde_json::to_vec(entries)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
 }
 
 /// Shrinks `entries` (sorted by name) under `budget` serialized bytes: first the oldest
@@ -212,7 +214,12 @@ pub fn fit(mut entries: Vec<RemovalResult>, budget: usize) -> Vec<RemovalResult>
         return entries;
     }
     let mut by_age: Vec<usize> = (0..entries.len()).collect();
-    by_age.sort_by_key(|&i| (entries[i].finished.as_ref().map(|t| t.0), entries[i].name.clone()));
+    by_age.sort_by_key(|&i| {
+        (
+            entries[i].finished.as_ref().map(|t| t.0),
+            entries[i].name.clone(),
+        )
+    });
     let newest = by_age.pop();
     for &i in &by_age {
         for image in &mut entries[i].images {
@@ -238,7 +245,9 @@ pub fn fit(mut entries: Vec<RemovalResult>, budget: usize) -> Vec<RemovalResult>
             return kept;
         }
     }
-    newest.map(|i| vec![entries.swap_remove(i)]).unwrap_or_default()
+    newest
+        .map(|i| vec![entries.swap_remove(i)])
+        .unwrap_or_default()
 }
 
 /// A one-paragraph summary of what failed in `result`, for an Event.
@@ -460,10 +469,16 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        assert!(encoded_len(&entries) > 4 * MAX_ENTRIES_BYTES, "the case is real");
+        assert!(
+            encoded_len(&entries) > 4 * MAX_ENTRIES_BYTES,
+            "the case is real"
+        );
         let fitted = fit(entries, MAX_ENTRIES_BYTES);
         assert!(encoded_len(&fitted) <= MAX_ENTRIES_BYTES);
-        let newest = fitted.iter().find(|e| e.name == "r19").expect("newest kept");
+        let newest = fitted
+            .iter()
+            .find(|e| e.name == "r19")
+            .expect("newest kept");
         assert_eq!(newest.images[0], image, "the newest entry is whole");
         assert!(fitted.len() < MAX_REMOVALS, "older entries went");
         // Small reports are untouched.

@@ -167,7 +167,11 @@ pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
         }
         // The whole image the pending record belongs to, the pending record last; a record
         // that no longer reads as an image goes alone.
-        match inventory.images.values().find(|i| i.references.contains(name)) {
+        match inventory
+            .images
+            .values()
+            .find(|i| i.references.contains(name))
+        {
             Some(image) => {
                 for r in delete_order(image, Some(name)) {
                     if seen.insert(r.clone()) {
@@ -462,7 +466,10 @@ mod tests {
         // One mark per image: its last delete.
         assert_eq!(
             p.marks,
-            strings(&["docker.io/library/redis:7", "docker.io/library/nginx:latest"])
+            strings(&[
+                "docker.io/library/redis:7",
+                "docker.io/library/nginx:latest"
+            ])
         );
     }
 
@@ -478,7 +485,10 @@ mod tests {
         ]);
         assert_eq!(p.resumed, expected);
         assert_eq!(p.deletes, expected);
-        assert!(p.marks.is_empty(), "the pending record already carries the mark");
+        assert!(
+            p.marks.is_empty(),
+            "the pending record already carries the mark"
+        );
     }
 
     #[test]

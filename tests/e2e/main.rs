@@ -7,6 +7,7 @@ mod api;
 mod bed;
 mod chart;
 mod cli;
+mod controller;
 mod operator;
 mod removal;
 mod support;
@@ -18,6 +19,7 @@ fn main() {
     trials.extend(bed::trials());
     trials.extend(chart::trials());
     trials.extend(cli::trials());
+    trials.extend(controller::trials());
     trials.extend(operator::trials());
     trials.extend(removal::trials());
     let conclusion = libtest_mimic::run(&args, trials);

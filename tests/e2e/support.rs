@@ -85,3 +85,35 @@ pub fn imagegc(args: &[&str]) -> Result<(i32, String, String)> {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
 }
+
+/// `GET http://127.0.0.1:<port><path>`; returns (status code, body). Enough HTTP for the
+/// processes' own `/metrics`, `/livez` and `/readyz`.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("HTTP response without a blank line")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("HTTP status line")?
+        .parse()?;
+    Ok((code, body.to_string()))
+}
+
+/// The `imagegc` binary the long-running processes are started from: `IMAGEGC_BIN` if set
+/// (e.g. a release build), else the one Cargo built for this test.
+pub fn imagegc_bin() -> std::path::PathBuf {
+    std::env::var_os("IMAGEGC_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_imagegc").into())
+}

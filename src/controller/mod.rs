@@ -1,0 +1,777 @@
+//! `imagegc controller`: folds every node's NodeImageReport into the status of each
+//! ImageRemoval, publishes an Event when a removal finishes, and deletes finished removals
+//! after their `ttlSecondsAfterFinished`. Leader-elected, so two replicas are safe.
+//!
+//! - [`fold`]: the pure aggregation (one removal, the Nodes, the reports → status).
+//! - [`lease`]: the leader election on a Lease.
+//! - this module: the thin shell — watches, the reconcile loop, status writes, metrics.
+
+pub mod fold;
+pub mod lease;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::api::{ImageRemoval, NodeImageReport};
+use crate::events::{Publisher, Severity};
+use crate::serve::{self, Health, LogFormat, Shutdown};
+use fold::{Expiry, Terminal};
+
+/// Field manager of the status the controller applies.
+pub const FIELD_MANAGER: &str = "imagegc-controller";
+/// `reportingController` of the controller's Events.
+pub const EVENT_CONTROLLER: &str = "imagegc.dev/controller";
+/// Every removal is refolded at least this often, whatever the watches say.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Backoff after a failed reconcile: doubles from this, up to `MAX_BACKOFF`.
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Flags of `imagegc controller`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ControllerArgs {
+    /// Address serving /metrics, /livez and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    pub listen: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "imagegc-system")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "IMAGEGC_LEASE_NAME", default_value = "imagegc-controller")]
+    pub lease_name: String,
+    /// This replica's name in the Lease (default: the host name and a random suffix).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// How long a Lease nobody renews stays held (e.g. `15s`).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the leader renews the Lease and standbys check it (e.g. `5s`).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub lease_renew: Duration,
+    /// Minimum time between two status writes of one ImageRemoval; reports arriving
+    /// meanwhile are folded into the next write (e.g. `1s`, `500ms`).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub status_debounce: Duration,
+}
+
+/// Parses `500ms`, `15s` or `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}: write a whole number with ms, s or m, e.g. 15s");
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .ok_or_else(bad)?;
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(bad()),
+    }
+}
+
+/// What can stop the controller or fail one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// Flags that contradict each other.
+    #[error("invalid flags: {0}")]
+    Flags(String),
+    /// No Kubernetes client could be configured.
+    #[error(
+        "cannot configure a Kubernetes client: {0}; set KUBECONFIG, or run in a pod with a ServiceAccount"
+    )]
+    Client(#[source] kube::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    /// The metrics endpoint could not be served.
+    #[error(
+        "cannot serve /metrics, /livez and /readyz on {addr}: {source}; choose another --listen"
+    )]
+    Listen {
+        /// The `--listen` address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing the Lease failed.
+    #[error(
+        "reading or writing Lease {lease} failed: {source}; the controller needs get, create and update on leases in that namespace"
+    )]
+    Lease {
+        /// `namespace/name`.
+        lease: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// Another replica holds the Lease now, or it could not be renewed in time.
+    #[error("lost the leader Lease {lease}: {why}; exiting so that a restart rejoins the election")]
+    LostLeadership {
+        /// `namespace/name`.
+        lease: String,
+        /// Why.
+        why: String,
+    },
+    /// Writing an ImageRemoval's status failed.
+    #[error(
+        "writing the status of ImageRemoval {name} failed: {source}; the controller needs patch on imageremovals/status"
+    )]
+    WriteStatus {
+        /// The ImageRemoval.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting a finished ImageRemoval after its TTL failed.
+    #[error(
+        "deleting ImageRemoval {name} after its ttlSecondsAfterFinished failed: {source}; the controller needs delete on imageremovals"
+    )]
+    Delete {
+        /// The ImageRemoval.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl ControllerError {
+    /// A short, stable label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ControllerError::Flags(_) => "flags",
+            ControllerError::Client(_) => "client",
+            ControllerError::Signals(_) => "signals",
+            ControllerError::Listen { .. } => "listen",
+            ControllerError::Lease { .. } => "lease",
+            ControllerError::LostLeadership { .. } => "lost_leadership",
+            ControllerError::WriteStatus { .. } => "write_status",
+            ControllerError::Delete { .. } => "delete",
+        }
+    }
+}
+
+/// The controller's Prometheus metrics.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    reconciles: Family<[(&'static str, &'static str); 1], Counter>,
+    status_writes: Counter,
+    ttl_deletions: Counter,
+    events: Counter,
+    is_leader: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let m = Metrics::default();
+        registry.register(
+            "imagegc_controller_reconciles",
+            "Reconciles of ImageRemovals, by result (ok or an error label)",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "imagegc_controller_status_writes",
+            "ImageRemoval status writes (only when the folded status changed)",
+            m.status_writes.clone(),
+        );
+        registry.register(
+            "imagegc_controller_ttl_deletions",
+            "ImageRemovals deleted after their ttlSecondsAfterFinished",
+            m.ttl_deletions.clone(),
+        );
+        registry.register(
+            "imagegc_controller_events",
+            "Events published about finished ImageRemovals",
+            m.events.clone(),
+        );
+        registry.register(
+            "imagegc_controller_is_leader",
+            "1 while this replica holds the leader Lease",
+            m.is_leader.clone(),
+        );
+        m
+    }
+
+    fn reconciled(&self, result: &'static str) {
+        self.reconciles.get_or_create(&[("result", result)]).inc();
+    }
+}
+
+/// Runs the controller until SIGTERM (then releases the Lease and returns `Ok`) or until
+/// leadership is lost or a fatal error occurs (returns the error; the process should exit).
+pub async fn run(args: ControllerArgs) -> Result<(), ControllerError> {
+    serve::init_logging(args.log_format);
+    if args.lease_renew.is_zero() || args.lease_renew >= args.lease_duration {
+        return Err(ControllerError::Flags(format!(
+            "--lease-renew ({:?}) must be positive and shorter than --lease-duration ({:?})",
+            args.lease_renew, args.lease_duration
+        )));
+    }
+    let shutdown = Shutdown::on_signals().map_err(ControllerError::Signals)?;
+    let client = Client::try_default()
+        .await
+        .map_err(ControllerError::Client)?;
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let health = Health::default();
+    let mut server = tokio::spawn(serve::serve(
+        args.listen,
+        Arc::new(registry),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let listen = args.listen;
+    let served = move |r: Result<std::io::Result<()>, tokio::task::JoinError>| match r {
+        Ok(Err(source)) => Err(ControllerError::Listen {
+            addr: listen,
+            source,
+        }),
+        Err(join) => Err(ControllerError::Listen {
+            addr: listen,
+            source: std::io::Error::other(join),
+        }),
+        Ok(Ok(())) => Ok(()),
+    };
+
+    let mut elector = lease::Elector::new(
+        Api::namespaced(client.clone(), &args.lease_namespace),
+        &args.lease_name,
+        &identity,
+        args.lease_duration,
+    );
+    tracing::info!(%identity, lease = %elector.lease(), "standing by for the leader Lease");
+    health.set_ready(true);
+    let mut stop = shutdown.clone();
+    tokio::select! {
+        () = campaign(&mut elector, args.lease_renew) => {}
+        () = stop.wait() => {
+            tracing::info!("stopped while standing by");
+            return Ok(());
+        }
+        r = &mut server => return served(r),
+    }
+
+    tracing::info!(%identity, lease = %elector.lease(), "became the leader; reconciling");
+    metrics.is_leader.set(1);
+    health.set_ready(false);
+    let publisher = Publisher::new(client.clone(), EVENT_CONTROLLER, &identity);
+    let leader = Leader {
+        client,
+        publisher,
+        metrics: metrics.clone(),
+        status_debounce: args.status_debounce,
+    };
+    let outcome = tokio::select! {
+        lost = keep_leading(&mut elector, args.lease_renew, args.lease_duration) => Err(lost),
+        () = lead(leader, health.clone(), shutdown.clone()) => Ok(()),
+        r = &mut server => served(r),
+    };
+    metrics.is_leader.set(0);
+    match outcome {
+        Ok(()) => {
+            elector.release().await?;
+            tracing::info!(lease = %elector.lease(), "released the leader Lease; stopped");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "stopping");
+            Err(e)
+        }
+    }
+}
+
+/// Polls the Lease until this replica holds it. API errors are logged and retried.
+async fn campaign(elector: &mut lease::Elector, period: Duration) {
+    loop {
+        match elector.try_lead().await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "leader election attempt failed; retrying"),
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+/// Renews the Lease every `period`; returns why leadership was lost. The leader gives up
+/// once it could not renew for `duration - period`, before a standby may take over.
+async fn keep_leading(
+    elector: &mut lease::Elector,
+    period: Duration,
+    duration: Duration,
+) -> ControllerError {
+    let deadline = duration.saturating_sub(period);
+    let mut renewed = Instant::now();
+    loop {
+        tokio::time::sleep(period).await;
+        match elector.try_lead().await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                return ControllerError::LostLeadership {
+                    lease: elector.lease(),
+                    why: "another replica holds it".into(),
+                };
+            }
+            Err(e) if renewed.elapsed() >= deadline => {
+                return ControllerError::LostLeadership {
+                    lease: elector.lease(),
+                    why: format!("could not renew it for {:?}: {e}", renewed.elapsed()),
+                };
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing the leader Lease failed; retrying"),
+        }
+    }
+}
+
+/// The default identity: the host name (a pod's name) and a random suffix, so two
+/// processes on one host never share it.
+fn default_identity() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "imagegc-controller".into());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("{host}-{:08x}", h.finish() as u32)
+}
+
+/// What the leader needs to reconcile.
+struct Leader {
+    client: Client,
+    publisher: Publisher,
+    metrics: Metrics,
+    status_debounce: Duration,
+}
+
+/// What every reconcile shares.
+struct Context {
+    client: Client,
+    publisher: Publisher,
+    metrics: Metrics,
+    synced: Synced,
+    nodes: Store<PartialObjectMeta<Node>>,
+    reports: Store<NodeImageReport>,
+    /// When each removal's status was last written (by UID): the write rate limit.
+    last_write: Mutex<HashMap<String, Instant>>,
+    /// Consecutive failed reconciles per removal (by name): the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+    status_debounce: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Which watches have listed everything once. Waited on through a `watch` channel, which
+/// wakes every waiter: `Store::wait_until_ready` wakes only the last task that polled it, and
+/// the controller's own runner already waits on the ImageRemoval store.
+#[derive(Clone)]
+struct Synced(Arc<tokio::sync::watch::Sender<u8>>);
+
+impl Synced {
+    const REMOVALS: u8 = 1;
+    const NODES: u8 = 2;
+    const REPORTS: u8 = 4;
+    const ALL: u8 = Self::REMOVALS | Self::NODES | Self::REPORTS;
+
+    fn new() -> Synced {
+        Synced(Arc::new(tokio::sync::watch::channel(0).0))
+    }
+
+    fn mark(&self, watch: u8) {
+        self.0.send_if_modified(|m| {
+            let was = *m;
+            *m |= watch;
+            was != *m
+        });
+    }
+
+    /// Resolves once every watch has synced.
+    async fn wait(&self) {
+        let _ = self.0.subscribe().wait_for(|m| *m == Self::ALL).await;
+    }
+}
+
+/// Watches ImageRemovals, NodeImageReports and Node labels and reconciles until `shutdown`.
+async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
+    let client = leader.client;
+    let synced = Synced::new();
+    let (removals, removals_writer) = reflector::store::<ImageRemoval>();
+    let removal_changes = changes(
+        reflector::reflector(
+            removals_writer,
+            watcher::watcher(
+                Api::<ImageRemoval>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        ),
+        synced.clone(),
+        Synced::REMOVALS,
+    );
+    let (nodes, nodes_writer) = reflector::store::<PartialObjectMeta<Node>>();
+    let node_changes = changes(
+        only_label_changes(reflector::reflector(
+            nodes_writer,
+            watcher::watcher(
+                Api::<PartialObjectMeta<Node>>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        )),
+        synced.clone(),
+        Synced::NODES,
+    );
+    let (reports, reports_writer) = reflector::store::<NodeImageReport>();
+    let report_changes = changes(
+        reflector::reflector(
+            reports_writer,
+            watcher::watcher(
+                Api::<NodeImageReport>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        ),
+        synced.clone(),
+        Synced::REPORTS,
+    );
+    {
+        let synced = synced.clone();
+        tokio::spawn(async move {
+            synced.wait().await;
+            tracing::info!("watches synced");
+            health.set_ready(true);
+        });
+    }
+    let ctx = Arc::new(Context {
+        client,
+        publisher: leader.publisher,
+        metrics: leader.metrics,
+        synced,
+        nodes,
+        reports,
+        last_write: Mutex::default(),
+        failures: Mutex::default(),
+        status_debounce: leader.status_debounce,
+    });
+
+    // Rate limiting is done per object in `reconcile_one`; the scheduler's own debounce
+    // would keep delaying a removal whose reports never stop arriving.
+    let all = removals.clone();
+    let mut stop = shutdown;
+    Controller::for_stream(removal_changes, removals)
+        .with_config(ControllerConfig::default().concurrency(8))
+        .watches_stream(report_changes, |report: NodeImageReport| {
+            removals_named_in(&report)
+        })
+        .watches_stream(node_changes, move |_node: PartialObjectMeta<Node>| {
+            all.state()
+                .iter()
+                .map(|r| ObjectRef::from_obj(&**r))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(async move { stop.wait().await })
+        .run(reconcile_one, error_policy, ctx)
+        .for_each(|result| {
+            // Failed reconciles are logged by `error_policy`; the rest are watch errors.
+            if let Err(e) = result
+                && !matches!(e, kube::runtime::controller::Error::ReconcilerFailed(..))
+            {
+                tracing::warn!(error = %e, "watching failed; retrying with backoff");
+            }
+            future::ready(())
+        })
+        .await;
+}
+
+/// Every added, changed or deleted object (a deleted report changes the counts too); marks
+/// `watch` synced at the end of its first listing (after the reflector stored it).
+fn changes<K>(
+    events: impl Stream<Item = watcher::Result<Event<K>>>,
+    synced: Synced,
+    watch: u8,
+) -> impl Stream<Item = watcher::Result<K>> {
+    events.filter_map(move |event| {
+        future::ready(match event {
+            Ok(Event::Apply(o) | Event::InitApply(o) | Event::Delete(o)) => Some(Ok(o)),
+            Ok(Event::InitDone) => {
+                synced.mark(watch);
+                None
+            }
+            Ok(Event::Init) => None,
+            Err(e) => Some(Err(e)),
+        })
+    })
+}
+
+/// Drops Node updates that leave the labels as they were: a Node's status changes every few
+/// seconds on every node, and only appearing, going or relabelling changes a target set.
+fn only_label_changes(
+    events: impl Stream<Item = watcher::Result<Event<PartialObjectMeta<Node>>>>,
+) -> impl Stream<Item = watcher::Result<Event<PartialObjectMeta<Node>>>> {
+    let mut seen: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    events.filter_map(move |event| {
+        let keep = match &event {
+            Ok(Event::Apply(n) | Event::InitApply(n)) => {
+                let labels = n.labels().clone();
+                seen.insert(n.name_any(), labels.clone()) != Some(labels)
+            }
+            Ok(Event::Delete(n)) => {
+                seen.remove(&n.name_any());
+                true
+            }
+            _ => true,
+        };
+        future::ready(keep.then_some(event))
+    })
+}
+
+fn removals_named_in(report: &NodeImageReport) -> Vec<ObjectRef<ImageRemoval>> {
+    report
+        .status
+        .iter()
+        .flat_map(|s| &s.removals)
+        .map(|r| ObjectRef::new(&r.name))
+        .collect()
+}
+
+async fn reconcile_one(
+    removal: Arc<ImageRemoval>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let result = fold_and_write(&removal, &ctx).await;
+    if result.is_ok() {
+        ctx.metrics.reconciled("ok");
+        lock(&ctx.failures).remove(&removal.name_any());
+    }
+    result
+}
+
+fn error_policy(removal: Arc<ImageRemoval>, error: &ControllerError, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconciled(error.metric_label());
+    let failures = {
+        let mut map = lock(&ctx.failures);
+        let n = map.entry(removal.name_any()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let backoff = MIN_BACKOFF
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
+        .min(MAX_BACKOFF);
+    tracing::warn!(removal = %removal.name_any(), error = %error, retry_in = ?backoff, "reconcile failed");
+    Action::requeue(backoff)
+}
+
+/// Gather → fold → write (only if changed, at most once per debounce) → Event → TTL.
+async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action, ControllerError> {
+    // Folding before every watch listed once would count missing Nodes and reports as
+    // "no target" and finish removals that are not finished.
+    ctx.synced.wait().await;
+    if removal.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let name = removal.name_any();
+    let uid = removal.uid().unwrap_or_default();
+    // Whole seconds: what the API server stores, so refolding what was written is stable.
+    let now =
+        Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now());
+
+    let (nodes, reports) = (ctx.nodes.state(), ctx.reports.state());
+    let status = fold::fold(
+        removal,
+        nodes
+            .iter()
+            .map(|n| (n.metadata.name.as_deref().unwrap_or_default(), n.labels())),
+        reports.iter().map(|r| &**r),
+        now,
+    );
+
+    if removal.status.as_ref() != Some(&status) {
+        if let Some(wait) = ctx.write_wait(&uid) {
+            return Ok(Action::requeue(wait));
+        }
+        let api = Api::<ImageRemoval>::all(ctx.client.clone());
+        let patch = serde_json::json!({
+            "apiVersion": ImageRemoval::api_version(&()),
+            "kind": ImageRemoval::kind(&()),
+            "status": status,
+        });
+        match api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
+            Err(source) => return Err(ControllerError::WriteStatus { name, source }),
+        }
+        lock(&ctx.last_write).insert(uid.clone(), Instant::now());
+        ctx.metrics.status_writes.inc();
+        tracing::info!(
+            removal = %name,
+            targets = status.target_nodes,
+            succeeded = status.succeeded,
+            failed = status.failed,
+            pending = status.pending,
+            "status written"
+        );
+        let before = removal.status.as_ref().and_then(fold::terminal);
+        let after = fold::terminal(&status);
+        if after.is_some() && after != before {
+            publish(ctx, removal, after, &status).await;
+        }
+    }
+
+    match fold::expiry(&status, removal.spec.ttl_seconds_after_finished, now) {
+        Expiry::Keep => Ok(Action::requeue(RESYNC)),
+        Expiry::After(left) => Ok(Action::requeue(left.min(RESYNC))),
+        Expiry::Now => {
+            let api = Api::<ImageRemoval>::all(ctx.client.clone());
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => {
+                    ctx.metrics.ttl_deletions.inc();
+                    tracing::info!(removal = %name, "deleted after ttlSecondsAfterFinished");
+                }
+                // Gone already, or re-created under the same name (a different UID).
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                Err(source) => return Err(ControllerError::Delete { name, source }),
+            }
+            Ok(Action::await_change())
+        }
+    }
+}
+
+impl Context {
+    /// How long to wait before this removal's status may be written again, if at all.
+    fn write_wait(&self, uid: &str) -> Option<Duration> {
+        let mut last = lock(&self.last_write);
+        last.retain(|_, at| at.elapsed() < self.status_debounce);
+        last.get(uid)
+            .map(|at| self.status_debounce.saturating_sub(at.elapsed()))
+    }
+}
+
+async fn publish(
+    ctx: &Context,
+    removal: &ImageRemoval,
+    terminal: Option<Terminal>,
+    status: &crate::api::ImageRemovalStatus,
+) {
+    let note = fold::terminal_message(status).unwrap_or_default();
+    let (severity, reason) = match terminal {
+        Some(Terminal::Failed) => (Severity::Warning, "Failed"),
+        _ => (Severity::Normal, "Completed"),
+    };
+    ctx.publisher
+        .publish(removal, severity, reason, "Aggregate", note)
+        .await;
+    ctx.metrics.events.inc();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "15", "s", "1.5s", "-1s", "3h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flags_have_the_documented_names_and_defaults() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ControllerArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "controller",
+            "--listen",
+            "127.0.0.1:9000",
+            "--lease-namespace",
+            "ns",
+            "--lease-name",
+            "l",
+            "--identity",
+            "me",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.args.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(cli.args.lease_name, "l");
+        assert_eq!(cli.args.identity.as_deref(), Some("me"));
+        assert_eq!(cli.args.lease_duration, Duration::from_secs(15));
+        assert_eq!(cli.args.lease_renew, Duration::from_secs(5));
+        assert_eq!(cli.args.status_debounce, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_report_maps_to_the_removals_it_names() {
+        use crate::api::{NodeImageReportSpec, NodeImageReportStatus, RemovalResult};
+        let mut report = NodeImageReport::new(
+            "n",
+            NodeImageReportSpec {
+                node_name: "n".into(),
+            },
+        );
+        report.status = Some(NodeImageReportStatus {
+            removals: ["a", "b"]
+                .iter()
+                .map(|n| RemovalResult {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        let names: Vec<String> = removals_named_in(&report)
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+}
