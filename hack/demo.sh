@@ -19,9 +19,15 @@ ns=imagegc-system
 
 pids=()
 cleanup() {
+  local rc=$?
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   bash hack/testbed down
+  if [ "$rc" = 0 ]; then
+    rm -rf "$IMAGEGC_TESTBED_STATE"
+  else
+    echo "demo failed; logs of the bed, agents and controller are in $IMAGEGC_TESTBED_STATE" >&2
+  fi
 }
 
 step "start the test bed: 3 containerd nodes and an API server"
@@ -96,31 +102,46 @@ for _ in $(seq 1 60); do
 done
 show "$kubectl" get nodeimagereports
 
-step "apply examples/imageremoval.yaml (blue pool: remove acme/app:1.0; web is in use, pause pinned)"
+wait_done() { # name: until every target node has reported on the current generation
+  for _ in $(seq 1 120); do
+    got=$("$kubectl" get imageremoval "$1" -o jsonpath='{.metadata.generation}/{.status.observedGeneration}/{.status.pending}/{.status.targetNodes}' 2>/dev/null || true)
+    IFS=/ read -r gen observed pending targets <<<"$got"
+    [ -n "$targets" ] && [ "$gen" = "$observed" ] && [ "$pending" = 0 ] && [ "$targets" != 0 ] && return 0
+    sleep 0.5
+  done
+  echo "demo: $1 did not finish in 60 s" >&2; return 1
+}
+
+step "apply examples/imageremoval.yaml: remove acme/app:1.0 from the blue pool"
 cat examples/imageremoval.yaml
 show "$kubectl" apply -f examples/imageremoval.yaml
-for _ in $(seq 1 60); do
-  done=$("$kubectl" get imageremoval retire-app-1.0 -o jsonpath='{.status.pending}/{.status.targetNodes}' 2>/dev/null || true)
-  [ "$done" = "0/2" ] && break; sleep 0.5
-done
+wait_done retire-app-1.0
 show "$kubectl" get imageremovals,nodeimagereports
 
 step "what happened on node-0, per image"
-show "$kubectl" get nodeimagereport node-0 -o jsonpath='{range .status.removals[0].images[*]}{.image}{"\t"}{.outcome}{"\t"}{.message}{"\n"}{end}'
+show "$kubectl" get nodeimagereport node-0 -o jsonpath='{range .status.removals[*].images[*]}{.image}{"\t"}{.outcome}{"\t"}{.message}{"\n"}{end}'
+
+step "the protections: remove the in-use web image and the pinned sandbox image everywhere"
+"$kubectl" apply -f - <<YAML
+apiVersion: imagegc.dev/v1alpha1
+kind: ImageRemoval
+metadata: {name: protected}
+spec:
+  images: [docker.io/acme/web:2.3, registry.k8s.io/pause:3.10]
+YAML
+wait_done protected
+show "$kubectl" get imageremovals
+show "$kubectl" get imageremoval protected -o jsonpath='{range .status.failures[*]}{.node}{"\t"}{.image}{"\t"}{.reason}{"\n"}{end}'
 step "the Events the agents and the controller published"
 show "$kubectl" get events.v1.events.k8s.io -n default \
-  -o custom-columns=TYPE:.type,REASON:.reason,OBJECT:.regarding.name,FROM:.reportingController,NOTE:.note
+  -o custom-columns=TYPE:.type,REASON:.reason,OBJECT:.regarding.name,FROM:.reportingController
 
 step "force it: a new generation removes the in-use web image too; pause stays pinned"
-show "$kubectl" patch imageremoval retire-app-1.0 --type merge -p '{"spec":{"force":true}}'
-gen=$("$kubectl" get imageremoval retire-app-1.0 -o jsonpath='{.metadata.generation}')
-for _ in $(seq 1 60); do
-  got=$("$kubectl" get imageremoval retire-app-1.0 -o jsonpath='{.status.observedGeneration}/{.status.pending}')
-  [ "$got" = "$gen/0" ] && break; sleep 0.5
-done
+show "$kubectl" patch imageremoval protected --type merge -p '{"spec":{"force":true}}'
+wait_done protected
 show "$kubectl" get imageremovals -o wide
 
-step "node-0 afterwards; node-2 (green pool) untouched"
+step "afterwards: acme/app is gone from the blue pool only (node-2 keeps it); web is gone everywhere (forced); pause stays"
 show "$imagegc" images --socket "$NODE0_SOCKET"
 show "$imagegc" images --socket "$NODE2_SOCKET"
 
