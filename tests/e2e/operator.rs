@@ -127,6 +127,8 @@ where
 pub struct Operator {
     // Processes first: they stop before the bed they use.
     agents: Vec<Option<Proc>>,
+    /// Each agent's /metrics, /livez, /readyz port.
+    agent_ports: Vec<u16>,
     controller: Option<Proc>,
     agent_kubeconfigs: Vec<PathBuf>,
     controller_kubeconfig: PathBuf,
@@ -168,6 +170,7 @@ impl Operator {
         let controller_kubeconfig = cluster.token_kubeconfig("controller.kubeconfig", &token)?;
         let mut op = Operator {
             agents: (0..labels.len()).map(|_| None).collect(),
+            agent_ports: vec![0; labels.len()],
             controller: None,
             agent_kubeconfigs,
             controller_kubeconfig,
@@ -194,6 +197,7 @@ impl Operator {
     /// Starts (or restarts) the agent of node `i`.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let node = self.node(i);
+        self.agent_ports[i] = free_port()?;
         let args = vec![
             "agent".to_string(),
             "--node-name".into(),
@@ -201,7 +205,7 @@ impl Operator {
             "--socket".into(),
             self.socket(i).display().to_string(),
             "--listen".into(),
-            format!("127.0.0.1:{}", free_port()?),
+            format!("127.0.0.1:{}", self.agent_ports[i]),
         ];
         let envs = vec![
             (
@@ -213,13 +217,24 @@ impl Operator {
         let log = self.bed.dir().join(format!("agent-{node}.log"));
         self.agents[i] = Some(Proc::spawn(
             &format!("agent-{node}"),
-            std::path::Path::new(env!("CARGO_BIN_EXE_imagegc")),
+            &crate::support::imagegc_bin(),
             &args,
             &envs,
             self.bed.dir(),
             &log,
         )?);
         Ok(())
+    }
+
+    /// Stops the agent of node `i` with SIGTERM; returns the end of its log.
+    pub fn stop_agent(&mut self, i: usize) -> String {
+        match self.agents[i].take() {
+            Some(mut p) => {
+                p.stop(Duration::from_secs(10));
+                p.log_tail(3)
+            }
+            None => String::new(),
+        }
     }
 
     /// SIGKILLs the agent of node `i`.
@@ -249,7 +264,7 @@ impl Operator {
         let log = self.bed.dir().join("controller.log");
         self.controller = Some(Proc::spawn(
             "controller",
-            std::path::Path::new(env!("CARGO_BIN_EXE_imagegc")),
+            &crate::support::imagegc_bin(),
             &args,
             &envs,
             self.bed.dir(),
@@ -386,7 +401,7 @@ async fn records(op: &Operator, i: usize) -> Result<BTreeSet<String>> {
 /// An ImageRemoval selecting 2 of 3 nodes removes every reference there and nothing on the
 /// third; relabelling the third makes it execute; the TTL deletes the finished object.
 async fn removal_by_label_reports_and_completes() -> Result<()> {
-    let op = Operator::start(&[&[("pool", "a")], &[("pool", "a")], &[("pool", "b")]]).await?;
+    let mut op = Operator::start(&[&[("pool", "a")], &[("pool", "a")], &[("pool", "b")]]).await?;
     let app = ImageBuilder::new("op-app").build();
     let names = ["docker.io/library/app:1", "docker.io/library/app:latest"];
     for i in 0..3 {
@@ -442,6 +457,59 @@ async fn removal_by_label_reports_and_completes() -> Result<()> {
         "node-2 reports its inventory and no removal: {:?}",
         report.status
     );
+
+    // The agent serves its health and metrics.
+    let port = op.agent_ports[0];
+    let (code, _) = crate::support::http_get(port, "/readyz").await?;
+    ensure!(code == 200, "/readyz: {code}");
+    let (_, metrics) = crate::support::http_get(port, "/metrics").await?;
+    ensure!(
+        metrics.contains(r#"imagegc_agent_removals_total{phase="Succeeded",dry_run="false"} 1"#)
+            && metrics.contains(r#"imagegc_agent_images_total{outcome="Removed"} 1"#),
+        "{metrics}"
+    );
+
+    // Idempotent across restarts: the image comes back on node-0 while its agent is down;
+    // the restarted agent does not run the same generation again...
+    let log = op.stop_agent(0);
+    ensure!(log.contains("agent stopped"), "graceful stop: {log}");
+    import(&op.socket(0), &app, &names).await?;
+    testbed::cri::wait_synced(&op.socket(0), &[app.id()], &names).await?;
+    let reports = Api::<NodeImageReport>::all(op.admin.clone());
+    let updated = |r: NodeImageReport| r.status.and_then(|s| s.updated).map(|t| t.0);
+    let before_restart = updated(reports.get(&op.node(0)).await?);
+    // `updated` has one-second resolution: make the restarted agent's write tell apart.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    op.start_agent(0)?;
+    let (reports_ref, node0) = (&reports, op.node(0));
+    wait_for("the restarted agent's first report", CONVERGE, || {
+        let node0 = node0.clone();
+        async move {
+            let now = updated(reports_ref.get(&node0).await?);
+            Ok((now > before_restart).then_some(()))
+        }
+    })
+    .await
+    .with_context(|| op.logs())?;
+    ensure!(
+        records(&op, 0).await?.contains(names[0]),
+        "a done generation ran again after a restart"
+    );
+    // ...and a new generation (a changed spec) runs.
+    Api::<ImageRemoval>::all(op.admin.clone())
+        .patch(
+            "app",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"force": true}})),
+        )
+        .await?;
+    let r = op.wait_result(0, "app").await?;
+    ensure!(
+        r.generation == 2 && outcomes(&r) == pairs(&[("app:1", "Removed")]),
+        "{r:?}"
+    );
+    let r = op.wait_result(1, "app").await?;
+    ensure!(outcomes(&r) == pairs(&[("app:1", "NotPresent")]), "{r:?}");
 
     // Relabel node-2 into the pool: it becomes a target and executes.
     Api::<Node>::all(op.admin.clone())
