@@ -10,8 +10,9 @@ COPY . .
 RUN cargo build --release --locked --bin imagegc
 
 # distroless/cc carries glibc and libgcc, which the binary links; no shell, no package manager.
-# It runs as root: the node agent must open containerd's socket, which is root-owned (0660
-# root:root) on stock nodes. Run it as non-root only where the socket's group permits.
+# One image for every role. Its default user is root because the node agent must open
+# containerd's socket, which is root-owned (0660 root:root) on stock nodes; the chart runs the
+# agent as root with every capability dropped, and the controller as UID 65532 (non-root).
 FROM gcr.io/distroless/cc-debian12
 COPY --from=builder /src/target/release/imagegc /usr/local/bin/imagegc
 ENTRYPOINT ["/usr/local/bin/imagegc"]

@@ -166,12 +166,14 @@ pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
             continue;
         }
         // The whole image the pending record belongs to, the pending record last; a record
-        // that no longer reads as an image goes alone.
+        // that no longer reads as an image goes alone. An image that became pinned or used
+        // since is protected like any other: it waits for a request that may remove it.
         match inventory
             .images
             .values()
             .find(|i| i.references.contains(name))
         {
+            Some(image) if image.pinned || !image.used_by.is_empty() => {}
             Some(image) => {
                 for r in delete_order(image, Some(name)) {
                     if seen.insert(r.clone()) {
@@ -638,5 +640,171 @@ mod tests {
             "{}",
             text[5]
         );
+    }
+
+    mod properties {
+        use std::collections::BTreeMap;
+
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One generated image: tags (indexes into a small name pool), whether it has its ID
+        /// record, pinned, used.
+        #[derive(Clone, Debug)]
+        struct Gen {
+            tags: BTreeSet<u8>,
+            id_record: bool,
+            pinned: bool,
+            used: bool,
+        }
+
+        fn gen_image() -> impl Strategy<Value = Gen> {
+            (
+                proptest::collection::btree_set(0u8..12, 0..3),
+                any::<bool>(),
+                proptest::bool::weighted(0.2),
+                proptest::bool::weighted(0.3),
+            )
+                .prop_map(|(tags, id_record, pinned, used)| Gen {
+                    tags,
+                    id_record,
+                    pinned,
+                    used,
+                })
+        }
+
+        fn tag(t: u8) -> String {
+            format!("docker.io/library/app{}:v{}", t % 4, t)
+        }
+
+        /// IDs that share prefixes often, so short IDs are often ambiguous.
+        fn id_of(i: usize) -> String {
+            format!("sha256:{:x}{:063x}", i % 3, i)
+        }
+
+        /// An inventory where every tag belongs to at most one image.
+        fn build(gens: &[Gen], pending: &[u8]) -> Inventory {
+            let mut inv = Inventory::default();
+            let mut taken = BTreeSet::new();
+            for (i, g) in gens.iter().enumerate() {
+                let id = id_of(i);
+                let mut refs: Vec<String> = g
+                    .tags
+                    .iter()
+                    .filter(|t| taken.insert(**t))
+                    .map(|t| tag(*t))
+                    .collect();
+                if g.id_record || refs.is_empty() {
+                    refs.push(id.clone());
+                }
+                let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+                let mut img = image(&id, &refs, 1);
+                img.pinned = g.pinned;
+                if g.used {
+                    img.used_by = vec![format!("c{i}")];
+                }
+                for r in &img.references {
+                    inv.ref_to_id.insert(r.clone(), id.clone());
+                }
+                inv.images.insert(id, img);
+            }
+            let all: Vec<String> = inv
+                .images
+                .values()
+                .flat_map(|i| i.references.clone())
+                .chain(["docker.io/library/orphan:1".to_string()])
+                .collect();
+            for p in pending {
+                inv.pending.insert(all[*p as usize % all.len()].clone());
+            }
+            inv
+        }
+
+        /// Requested strings: tags in short and full form, IDs, short IDs, and garbage.
+        fn gen_input() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (0u8..12).prop_map(tag),
+                (0u8..12).prop_map(|t| format!("app{}:v{}", t % 4, t)),
+                (0usize..8).prop_map(id_of),
+                (0usize..8, 1usize..10).prop_map(|(i, n)| id_of(i)[7..7 + n].to_string()),
+                Just(String::new()),
+                Just("UPPER:Case".to_string()),
+                Just("app*".to_string()),
+                "[a-z0-9:/@.]{1,20}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn plans_delete_only_what_was_asked_and_never_protected_images(
+                gens in proptest::collection::vec(gen_image(), 0..8),
+                pending in proptest::collection::vec(any::<u8>(), 0..3),
+                inputs in proptest::collection::vec(gen_input(), 0..6),
+                force in any::<bool>(),
+            ) {
+                let inv = build(&gens, &pending);
+                let p = plan(&Request { images: inputs.clone(), force }, &inv);
+                let owner: BTreeMap<&String, &CriImage> = inv
+                    .images
+                    .values()
+                    .flat_map(|i| i.references.iter().map(move |r| (r, i)))
+                    .collect();
+                let removed: BTreeSet<&String> = p
+                    .items
+                    .iter()
+                    .filter_map(|i| match &i.outcome {
+                        Outcome::Remove { id, .. } => Some(id),
+                        _ => None,
+                    })
+                    .collect();
+                prop_assert_eq!(p.items.len(), inputs.len());
+                let unique: BTreeSet<&String> = p.deletes.iter().collect();
+                prop_assert_eq!(unique.len(), p.deletes.len(), "a record deleted twice");
+                prop_assert!(p.deletes.starts_with(&p.resumed), "resumed work comes first");
+                for d in &p.deletes {
+                    match owner.get(d) {
+                        Some(img) => {
+                            prop_assert!(!img.pinned, "pinned image deleted: {}", d);
+                            prop_assert!(
+                                img.used_by.is_empty() || (force && removed.contains(&img.id)),
+                                "in-use image deleted without force: {}", d
+                            );
+                            prop_assert!(
+                                removed.contains(&img.id) || p.resumed.contains(d),
+                                "{} is neither requested nor an interrupted removal", d
+                            );
+                        }
+                        None => prop_assert!(
+                            inv.pending.contains(d) && p.resumed.contains(d),
+                            "{} is not an image record and not pending", d
+                        ),
+                    }
+                }
+                // Every image the plan touches is deleted whole, its last delete carrying a
+                // pending mark (a new one, or the one an interrupted run left).
+                let mut per_image: BTreeMap<&String, Vec<&String>> = BTreeMap::new();
+                for d in &p.deletes {
+                    if let Some(img) = owner.get(d) {
+                        per_image.entry(&img.id).or_default().push(d);
+                    }
+                }
+                for (id, order) in per_image {
+                    let img = &inv.images[id];
+                    prop_assert_eq!(order.len(), img.references.len(), "{} deleted in part", id);
+                    let last = order[order.len() - 1];
+                    prop_assert!(
+                        p.marks.contains(last) || inv.pending.contains(last),
+                        "{}: the last delete carries no mark", id
+                    );
+                    if order.len() > 1 && img.references.contains(id) && order[0] != id {
+                        // Only an interrupted run's mark may put the ID record elsewhere.
+                        prop_assert!(inv.pending.contains(id), "{}: the ID record is not first", id);
+                    }
+                }
+                prop_assert!(p.marks.iter().all(|m| p.deletes.contains(m) && !p.resumed.contains(m)));
+            }
+        }
     }
 }
