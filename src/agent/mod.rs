@@ -158,6 +158,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         inventory_interval: args.inventory_interval_seconds,
         retries: HashMap::new(),
         warned_node_missing: false,
+        containerd_ok: true,
         metrics,
         health,
     };
@@ -248,6 +249,8 @@ struct Agent {
     inventory_interval: Duration,
     retries: HashMap<String, Retry>,
     warned_node_missing: bool,
+    /// Whether the last containerd call succeeded (logs only the transitions).
+    containerd_ok: bool,
     metrics: Metrics,
     health: Health,
 }
@@ -401,9 +404,10 @@ impl Agent {
                     }
                 }
                 Err(e) => {
+                    // inventory() logged the transition; repeat only at debug level.
                     self.metrics.runtime_error(&e);
-                    tracing::warn!(error = %e, "reading the image inventory failed");
-                    self.inventory_due = Instant::now() + FIRST_BACKOFF * 5;
+                    tracing::debug!(error = %e, "reading the image inventory failed");
+                    self.inventory_due = Instant::now() + FIRST_BACKOFF * 2;
                 }
             }
             next = next.min(self.inventory_due);
@@ -439,8 +443,21 @@ impl Agent {
             rt.inventory(&self.matcher).await
         }
         .await;
-        self.health.set_ready(result.is_ok());
-        if result.is_err() {
+        let ok = result.is_ok();
+        self.health.set_ready(ok);
+        if ok != self.containerd_ok {
+            match &result {
+                Ok(_) => {
+                    tracing::info!(socket = %self.socket.display(), "containerd answers again")
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "containerd does not answer; not ready, retrying until it does"
+                ),
+            }
+            self.containerd_ok = ok;
+        }
+        if !ok {
             // Reconnect next time: containerd may have restarted.
             self.runtime = None;
         }

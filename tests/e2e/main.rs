@@ -8,6 +8,7 @@ mod bed;
 mod chart;
 mod cli;
 mod controller;
+mod faults;
 mod operator;
 mod removal;
 mod support;
@@ -20,6 +21,7 @@ fn main() {
     trials.extend(chart::trials());
     trials.extend(cli::trials());
     trials.extend(controller::trials());
+    trials.extend(faults::trials());
     trials.extend(operator::trials());
     trials.extend(removal::trials());
     let conclusion = libtest_mimic::run(&args, trials);

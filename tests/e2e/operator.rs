@@ -226,6 +226,17 @@ impl Operator {
         Ok(())
     }
 
+    /// The /metrics, /livez, /readyz port of node `i`'s agent.
+    pub fn agent_port(&self, i: usize) -> u16 {
+        self.agent_ports[i]
+    }
+
+    /// Everything node `i`'s agents (all its restarts) have logged.
+    pub fn agent_log(&self, i: usize) -> String {
+        let path = self.bed.dir().join(format!("agent-{}.log", self.node(i)));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     /// Stops the agent of node `i` with SIGTERM; returns the end of its log.
     pub fn stop_agent(&mut self, i: usize) -> String {
         match self.agents[i].take() {

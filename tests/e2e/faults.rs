@@ -1,0 +1,364 @@
+//! Faults injected into the running operator: containerd SIGKILLed in the middle of a batch,
+//! containerd absent when the agent starts, the API server SIGKILLed and restarted while a
+//! removal is in flight. Each time the operator must converge to the right end state without
+//! repeating work.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use imagegc::api::ImageRemoval;
+use imagegc::core::inventory::PENDING_LABEL;
+use libtest_mimic::Trial;
+use testbed::image::{self, BuiltImage, ImageBuilder};
+
+use crate::operator::{Operator, wait_for};
+use crate::support::{NS, http_get, import, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial(
+            "faults::containerd_killed_mid_batch_is_retried",
+            containerd_killed_mid_batch_is_retried,
+        ),
+        trial(
+            "faults::agent_waits_for_containerd",
+            agent_waits_for_containerd,
+        ),
+        trial(
+            "faults::apiserver_restart_during_removal",
+            apiserver_restart_during_removal,
+        ),
+        trial(
+            "faults::agent_sigkilled_at_random_points",
+            agent_sigkilled_at_random_points,
+        ),
+    ]
+}
+
+/// Imports `k` images with two tags each on node `i`; returns them and their first tags.
+async fn seed(
+    op: &Operator,
+    i: usize,
+    prefix: &str,
+    k: usize,
+) -> Result<(Vec<BuiltImage>, Vec<String>)> {
+    let socket = op.socket(i);
+    let (mut built, mut tags) = (Vec::new(), Vec::new());
+    for n in 0..k {
+        let img = ImageBuilder::new(format!("{prefix}-{n}"))
+            .layer_sizes(&[2048])
+            .build();
+        let a = format!("docker.io/library/{prefix}{n}:1");
+        let b = format!("docker.io/library/{prefix}{n}:2");
+        import(&socket, &img, &[&a, &b]).await?;
+        testbed::cri::wait_synced(&socket, &[img.id()], &[&a, &b]).await?;
+        tags.push(a);
+        built.push(img);
+    }
+    Ok((built, tags))
+}
+
+/// Nothing of `built` is left on node `i`: no record, no pending mark, no content once the
+/// collector ran.
+async fn all_gone(op: &Operator, i: usize, prefix: &str, built: &[BuiltImage]) -> Result<()> {
+    let socket = op.socket(i);
+    let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
+    let records = rt.list_images().await?;
+    let ids: BTreeSet<String> = built.iter().map(BuiltImage::id).collect();
+    let left: Vec<&str> = records
+        .iter()
+        .filter(|r| {
+            r.name.starts_with(&format!("docker.io/library/{prefix}"))
+                || ids.contains(&r.name)
+                || r.labels.contains_key(PENDING_LABEL)
+        })
+        .map(|r| r.name.as_str())
+        .collect();
+    ensure!(left.is_empty(), "left on node {i}: {left:?}");
+    image::force_gc(&socket, NS).await?;
+    let content = image::content_digests(&socket, NS).await?;
+    let leaked = built
+        .iter()
+        .filter(|b| b.digests().iter().any(|d| content.contains(d)))
+        .count();
+    ensure!(leaked == 0, "{leaked} images' content still on node {i}");
+    Ok(())
+}
+
+/// containerd is SIGKILLed while the agent is deleting a batch and restarted a moment later:
+/// the agent's call fails, it retries with backoff, and the batch completes — once.
+async fn containerd_killed_mid_batch_is_retried() -> Result<()> {
+    let mut op = Operator::start(&[&[("pool", "a")]]).await?;
+    let (built, tags) = seed(&op, 0, "ck", 60).await?;
+    op.stop_agent(0);
+    op.create_removal("batch", serde_json::json!({ "images": tags }))
+        .await?;
+    op.start_agent(0)?;
+    let socket = op.socket(0);
+    let sock = &socket;
+    wait_for(
+        "the batch to start",
+        Duration::from_secs(60),
+        || async move {
+            let rt = imagegc::containerd::Runtime::connect(sock, NS).await?;
+            let recs = rt.list_images().await?;
+            Ok(recs
+                .iter()
+                .any(|r| r.labels.contains_key(PENDING_LABEL))
+                .then_some(()))
+        },
+    )
+    .await
+    .with_context(|| op.logs())?;
+    op.bed.nodes[0].kill_hard();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    op.bed.nodes[0].restart()?;
+
+    let r = op.wait_result(0, "batch").await?;
+    ensure!(
+        r.images
+            .iter()
+            .all(|i| i.outcome == "Removed" || i.outcome == "NotPresent"),
+        "{r:?}"
+    );
+    all_gone(&op, 0, "ck", &built).await?;
+    let (_, metrics) = http_get(op.agent_port(0), "/metrics").await?;
+    ensure!(
+        metrics.contains(r#"imagegc_agent_removals_total{phase="Succeeded",dry_run="false"} 1"#),
+        "the batch finished exactly once: {metrics}"
+    );
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("imagegc_agent_containerd_errors_total") && !l.ends_with(" 0")),
+        "the failure was seen and counted: {metrics}"
+    );
+    Ok(())
+}
+
+/// The agent starts while containerd is down (its socket absent): it is alive but not ready,
+/// says so once, and becomes ready and does its work as soon as containerd is back.
+async fn agent_waits_for_containerd() -> Result<()> {
+    let mut op = Operator::start(&[&[("pool", "a")]]).await?;
+    let (built, tags) = seed(&op, 0, "wc", 3).await?;
+    op.stop_agent(0);
+    op.bed.nodes[0].kill_hard();
+    let _ = std::fs::remove_file(op.socket(0));
+    op.create_removal("later", serde_json::json!({ "images": tags }))
+        .await?;
+    op.start_agent(0)?;
+    let port = op.agent_port(0);
+    wait_for(
+        "the agent to serve /livez",
+        Duration::from_secs(30),
+        || async move {
+            Ok(http_get(port, "/livez")
+                .await
+                .ok()
+                .filter(|(c, _)| *c == 200))
+        },
+    )
+    .await
+    .with_context(|| op.logs())?;
+    // Give it several retry rounds without containerd.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (code, _) = http_get(port, "/readyz").await?;
+    ensure!(code == 503, "/readyz without containerd: {code}");
+    let log = op.agent_log(0);
+    let complaints = log
+        .lines()
+        .filter(|l| l.contains("containerd does not answer"))
+        .count();
+    ensure!(complaints == 1, "one clear line, not {complaints}:\n{log}");
+    ensure!(
+        log.contains("does not exist"),
+        "the line says what is wrong:\n{log}"
+    );
+
+    op.bed.nodes[0].restart()?;
+    wait_for(
+        "/readyz after containerd is back",
+        Duration::from_secs(30),
+        || async move {
+            Ok(http_get(port, "/readyz")
+                .await
+                .ok()
+                .filter(|(c, _)| *c == 200))
+        },
+    )
+    .await
+    .with_context(|| op.logs())?;
+    let r = op.wait_result(0, "later").await?;
+    ensure!(r.images.iter().all(|i| i.outcome == "Removed"), "{r:?}");
+    all_gone(&op, 0, "wc", &built).await
+}
+
+/// The API server is SIGKILLed and restarted right after a removal is created (the agents are
+/// executing or reporting it): their watches resume (a removal created after the restart is
+/// seen), the reports and the status converge, and no node runs a removal twice.
+async fn apiserver_restart_during_removal() -> Result<()> {
+    let mut op = Operator::start(&[&[("pool", "a")], &[("pool", "a")]]).await?;
+    let mut all = Vec::new();
+    for i in 0..2 {
+        let (built, tags) = seed(&op, i, "ar", 20).await?;
+        all.push((built, tags));
+    }
+    op.create_removal("during", serde_json::json!({ "images": all[0].1 }))
+        .await?;
+    op.bed
+        .cluster
+        .as_mut()
+        .context("cluster")?
+        .restart_apiserver()
+        .await?;
+    // A second removal created after the restart is seen too (the watches resumed).
+    op.create_removal("after", serde_json::json!({ "images": ["ar0:2"] }))
+        .await?;
+    for (i, (built, _)) in all.iter().enumerate() {
+        let r = op.wait_result(i, "during").await?;
+        ensure!(
+            r.images.iter().all(|i| i.outcome == "Removed"),
+            "node {i}: {r:?}"
+        );
+        let r = op.wait_result(i, "after").await?;
+        ensure!(r.images[0].outcome == "NotPresent", "node {i}: {r:?}");
+        all_gone(&op, i, "ar", built).await?;
+        let (_, metrics) = http_get(op.agent_port(i), "/metrics").await?;
+        ensure!(
+            metrics
+                .contains(r#"imagegc_agent_removals_total{phase="Succeeded",dry_run="false"} 2"#),
+            "node {i} ran each removal once: {metrics}"
+        );
+    }
+    for name in ["during", "after"] {
+        op.wait_status(name, "Complete on both nodes", |r: &ImageRemoval| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.target_nodes == 2 && s.succeeded == 2)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Kill iterations of [`agent_sigkilled_at_random_points`].
+const KILL_ITERATIONS: usize = 50;
+
+/// The agent is SIGKILLed at a pseudo-random point (fixed seed, so a failure replays) while it
+/// works on a fresh removal of 16 images that also names a pinned and an in-use image, then
+/// restarted. Even iterations kill 0–40 ms after the first pending mark appears (inside the
+/// batch, or just after it); odd ones 0–1.2 s after the agent starts (before, during or after
+/// it). Every iteration must converge: the 16 images wholly gone (no record, no pending mark,
+/// no content), the protected ones untouched.
+async fn agent_sigkilled_at_random_points() -> Result<()> {
+    let mut op = Operator::start(&[&[("pool", "a")]]).await?;
+    let socket = op.socket(0);
+    let pinned = ImageBuilder::new("chaos-pinned").build();
+    let used = ImageBuilder::new("chaos-used").build();
+    crate::support::import_labelled(
+        &socket,
+        &pinned,
+        &["docker.io/library/keep:1"],
+        &[(imagegc::core::inventory::PINNED_LABEL, "pinned")],
+    )
+    .await?;
+    import(&socket, &used, &["docker.io/library/used:1"]).await?;
+    testbed::cri::wait_synced(
+        &socket,
+        &[pinned.id(), used.id()],
+        &["docker.io/library/keep:1", "docker.io/library/used:1"],
+    )
+    .await?;
+    image::create_container(&socket, NS, "web", "docker.io/library/used:1", None).await?;
+
+    let mut seed: u64 = 0x5eed;
+    let mut mid_batch = 0;
+    for n in 0..KILL_ITERATIONS {
+        let prefix = format!("it{n}x");
+        let (built, mut tags) = seed_images(&op, &prefix, 16).await?;
+        tags.extend(["keep:1".to_string(), "used:1".to_string()]);
+        op.stop_agent(0);
+        let name = format!("chaos-{n}");
+        op.create_removal(&name, serde_json::json!({ "images": tags }))
+            .await?;
+        op.start_agent(0)?;
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let r = seed >> 33;
+        let delay = if n % 2 == 0 {
+            // Poll tightly: a batch of 16 takes tens of milliseconds.
+            let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let marked = rt
+                    .list_images()
+                    .await?
+                    .iter()
+                    .any(|r| r.labels.contains_key(PENDING_LABEL));
+                let finished = !image::image_names(&socket, NS).await?.contains(&tags[0]);
+                if marked || finished {
+                    break;
+                }
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "iteration {n}: the agent never started the batch{}",
+                    op.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Duration::from_millis(r % 40)
+        } else {
+            Duration::from_millis(r % 1200)
+        };
+        tokio::time::sleep(delay).await;
+        op.kill_agent(0);
+        let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
+        if rt
+            .list_images()
+            .await?
+            .iter()
+            .any(|r| r.labels.contains_key(PENDING_LABEL))
+        {
+            mid_batch += 1;
+        }
+        op.start_agent(0)?;
+        let r = op
+            .wait_result(0, &name)
+            .await
+            .with_context(|| format!("iteration {n}, killed after {delay:?}"))?;
+        let outcomes: Vec<&str> = r.images.iter().map(|i| i.outcome.as_str()).collect();
+        ensure!(
+            outcomes[..16]
+                .iter()
+                .all(|o| *o == "Removed" || *o == "NotPresent")
+                && outcomes[16..] == ["Pinned", "InUse"],
+            "iteration {n}: {outcomes:?}"
+        );
+        all_gone(&op, 0, &prefix, &built)
+            .await
+            .with_context(|| format!("iteration {n}, killed after {delay:?}"))?;
+        let left = image::image_names(&socket, NS).await?;
+        ensure!(
+            left.contains("docker.io/library/keep:1") && left.contains("docker.io/library/used:1"),
+            "iteration {n}: a protected image went: {left:?}"
+        );
+    }
+    eprintln!(
+        "faults::agent_sigkilled_at_random_points: {KILL_ITERATIONS} kills, {mid_batch} landed mid-batch (pending marks on disk)"
+    );
+    ensure!(
+        mid_batch >= 5,
+        "only {mid_batch} of {KILL_ITERATIONS} kills landed mid-batch: the delays miss the window"
+    );
+    Ok(())
+}
+
+async fn seed_images(
+    op: &Operator,
+    prefix: &str,
+    k: usize,
+) -> Result<(Vec<BuiltImage>, Vec<String>)> {
+    seed(op, 0, prefix, k).await
+}
