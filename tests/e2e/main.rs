@@ -11,6 +11,7 @@ mod controller;
 mod faults;
 mod operator;
 mod removal;
+mod security;
 mod support;
 
 fn main() {
@@ -24,6 +25,7 @@ fn main() {
     trials.extend(faults::trials());
     trials.extend(operator::trials());
     trials.extend(removal::trials());
+    trials.extend(security::trials());
     let conclusion = libtest_mimic::run(&args, trials);
     testbed::process::cleanup_all();
     conclusion.exit();
