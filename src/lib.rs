@@ -10,8 +10,8 @@
 //! - [`api`]: the Kubernetes objects (CRDs generated from these types).
 //! - [`agent`]: `imagegc agent`, the per-node DaemonSet.
 //! - [`controller`]: `imagegc controller` — folds NodeImageReports into ImageRemoval status.
-//! - [`events`], [`serve`]: what the long-running processes share — Events, logging,
-//!   `/metrics`, `/livez`, `/readyz`, shutdown.
+//! - [`events`], [`serve`], [`watch`]: what the long-running processes share — Events,
+//!   logging, `/metrics`, `/livez`, `/readyz`, shutdown, watches one bad object cannot wedge.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -22,3 +22,4 @@ pub mod controller;
 pub mod core;
 pub mod events;
 pub mod serve;
+pub mod watch;

@@ -132,13 +132,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 
     let changed = Arc::new(Notify::new());
     let removals = watch(
-        Api::<ImageRemoval>::all(client.clone()),
-        watcher::Config::default(),
+        crate::watch::tolerant::<ImageRemoval>(client.clone(), watcher::Config::default()),
         changed.clone(),
     );
     let nodes = watch(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
+        watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
+        ),
         changed.clone(),
     );
 
@@ -193,8 +194,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Starts a reflector for `api` whose every change pings `changed`.
-fn watch<K>(api: Api<K>, config: watcher::Config, changed: Arc<Notify>) -> Store<K>
+/// Starts a reflector over `events` whose every change pings `changed`.
+fn watch<K>(
+    events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+    changed: Arc<Notify>,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -205,7 +209,7 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config))
+    let stream = reflector::reflector(writer, events)
         .modify(|o| o.managed_fields_mut().clear())
         .default_backoff();
     tokio::spawn(async move {

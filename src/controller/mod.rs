@@ -427,11 +427,8 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
     let removal_changes = changes(
         reflector::reflector(
             removals_writer,
-            watcher::watcher(
-                Api::<ImageRemoval>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff(),
+            crate::watch::tolerant::<ImageRemoval>(client.clone(), watcher::Config::default())
+                .default_backoff(),
         ),
         synced.clone(),
         Synced::REMOVALS,
@@ -453,11 +450,8 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
     let report_changes = changes(
         reflector::reflector(
             reports_writer,
-            watcher::watcher(
-                Api::<NodeImageReport>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff(),
+            crate::watch::tolerant::<NodeImageReport>(client.clone(), watcher::Config::default())
+                .default_backoff(),
         ),
         synced.clone(),
         Synced::REPORTS,

@@ -33,6 +33,10 @@ pub fn trials() -> Vec<Trial> {
             "faults::agent_sigkilled_at_random_points",
             agent_sigkilled_at_random_points,
         ),
+        trial(
+            "faults::malformed_object_does_not_wedge_watches",
+            malformed_object_does_not_wedge_watches,
+        ),
     ]
 }
 
@@ -361,4 +365,75 @@ async fn seed_images(
     k: usize,
 ) -> Result<(Vec<BuiltImage>, Vec<String>)> {
     seed(op, 0, prefix, k).await
+}
+
+/// An ImageRemoval that does not fit the current schema (written while the CRD accepted
+/// anything, as an older version might have left one) is logged and skipped by the agent and
+/// the controller, whose watches keep serving every other object.
+async fn malformed_object_does_not_wedge_watches() -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, PostParams};
+
+    let mut op = Operator::start(&[&[("pool", "a")]]).await?;
+    let (built, tags) = seed(&op, 0, "mo", 1).await?;
+    let crds = Api::<CustomResourceDefinition>::all(op.admin.clone());
+    let name = "imageremovals.imagegc.dev";
+    let strict = crds.get(name).await?;
+    let mut loose = serde_json::to_value(&strict)?;
+    loose["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+        serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    crds.replace(
+        name,
+        &PostParams::default(),
+        &serde_json::from_value(loose)?,
+    )
+    .await?;
+    op.stop_agent(0);
+    let removals = Api::<kube::api::DynamicObject>::all_with(
+        op.admin.clone(),
+        &kube::api::ApiResource::erase::<ImageRemoval>(&()),
+    );
+    let bad: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "imagegc.dev/v1alpha1", "kind": "ImageRemoval",
+        "metadata": {"name": "malformed"}, "spec": {"images": 5},
+    }))?;
+    let removals = &removals;
+    let bad = &bad;
+    wait_for(
+        "the loosened schema to accept the object",
+        Duration::from_secs(30),
+        || async move {
+            Ok(removals
+                .create(&PostParams::default(), bad)
+                .await
+                .ok()
+                .map(|_| ()))
+        },
+    )
+    .await?;
+    // Back to the strict schema; the stored object stays as it was.
+    let mut restored = crds.get(name).await?;
+    restored.spec = strict.spec.clone();
+    crds.replace(name, &PostParams::default(), &restored)
+        .await?;
+
+    // The agent lists the malformed object at start, and still does its work.
+    op.start_agent(0)?;
+    op.create_removal("wellformed", serde_json::json!({ "images": tags }))
+        .await?;
+    let r = op.wait_result(0, "wellformed").await?;
+    ensure!(r.images[0].outcome == "Removed", "{r:?}");
+    all_gone(&op, 0, "mo", &built).await?;
+    op.wait_status("wellformed", "Complete", |r: &ImageRemoval| {
+        r.status
+            .as_ref()
+            .is_some_and(|s| s.target_nodes == 1 && s.succeeded == 1)
+    })
+    .await?;
+    let log = op.agent_log(0);
+    ensure!(
+        log.contains("ignoring an object that does not match") && log.contains("malformed"),
+        "the agent says what it skipped:\n{log}"
+    );
+    Ok(())
 }

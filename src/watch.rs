@@ -1,0 +1,79 @@
+//! Watches of imagegc's own kinds that one malformed object cannot wedge.
+//!
+//! A typed watch fails its whole listing when one stored object does not decode (say, left by
+//! an older version with a different schema), and retries forever. These watches decode each
+//! object on its own: one that does not decode is logged and left out; the rest flow.
+
+use std::fmt::Debug;
+
+use futures::{Stream, TryStreamExt};
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+/// Watches every object of kind `K` (cluster-scoped), decoding each one separately.
+pub fn tolerant<K>(
+    client: Client,
+    config: watcher::Config,
+) -> impl Stream<Item = watcher::Result<Event<K>>> + Send
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug + Send + 'static,
+{
+    let resource = ApiResource::erase::<K>(&());
+    let api = Api::<DynamicObject>::all_with(client, &resource);
+    watcher::watcher(api, config).try_filter_map(|event| async move {
+        Ok(match event {
+            Event::Apply(o) => decode(o).map(Event::Apply),
+            Event::InitApply(o) => decode(o).map(Event::InitApply),
+            Event::Delete(o) => decode(o).map(Event::Delete),
+            Event::Init => Some(Event::Init),
+            Event::InitDone => Some(Event::InitDone),
+        })
+    })
+}
+
+/// Decodes one object as `K`; `None` (logged) when it does not fit `K`'s shape.
+pub fn decode<K>(object: DynamicObject) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    let name = object.name_any();
+    let result = serde_json::to_value(&object).and_then(serde_json::from_value::<K>);
+    match result {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(
+                kind = %K::kind(&()),
+                name,
+                error = %e,
+                "ignoring an object that does not match this version's schema; fix or delete it"
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ImageRemoval;
+
+    fn dynamic(spec: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "imagegc.dev/v1alpha1", "kind": "ImageRemoval",
+            "metadata": {"name": "x", "uid": "u1"}, "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn good_objects_decode_and_bad_ones_are_left_out() {
+        let good: Option<ImageRemoval> = decode(dynamic(serde_json::json!({"images": ["nginx"]})));
+        let good = good.expect("decodes");
+        assert_eq!(good.spec.images, ["nginx"]);
+        assert_eq!(good.uid().as_deref(), Some("u1"));
+        let bad: Option<ImageRemoval> = decode(dynamic(serde_json::json!({"images": 5})));
+        assert!(bad.is_none());
+    }
+}
