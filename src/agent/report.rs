@@ -528,3 +528,109 @@ mod tests {
         assert_eq!(merged[0].name, "r10", "the oldest ten are dropped");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! The agent's input surface, fuzzed: any ImageRemoval the schema could hold (and some it
+    //! could not) goes through selection, refusal, planning and reporting without a panic, and
+    //! what is reported stays within its bounds.
+
+    use super::*;
+    use crate::core::inventory::{CriImage, Inventory};
+    use crate::core::plan::{Request, plan};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use k8s_openapi::jiff::Timestamp;
+    use proptest::prelude::*;
+
+    fn selector() -> impl Strategy<Value = Option<LabelSelector>> {
+        let labels = proptest::collection::btree_map("[a-z./-]{0,12}", "[a-zA-Z0-9._-]{0,8}", 0..3);
+        let requirement = (
+            "[a-z./-]{0,12}",
+            prop_oneof![
+                Just("In".to_string()),
+                Just("NotIn".to_string()),
+                Just("Exists".to_string()),
+                Just("DoesNotExist".to_string()),
+                "[A-Za-z]{0,8}",
+            ],
+            proptest::option::of(proptest::collection::vec("[a-z0-9]{0,6}", 0..3)),
+        )
+            .prop_map(|(key, operator, values)| LabelSelectorRequirement {
+                key,
+                operator,
+                values,
+            });
+        proptest::option::of(
+            (
+                proptest::option::of(labels),
+                proptest::option::of(proptest::collection::vec(requirement, 0..3)),
+            )
+                .prop_map(|(match_labels, match_expressions)| LabelSelector {
+                    match_labels,
+                    match_expressions,
+                }),
+        )
+    }
+
+    fn inventory() -> Inventory {
+        let mut inv = Inventory::default();
+        for (n, pinned) in [(1u64, false), (2, true), (0xabc, false)] {
+            let id = format!("sha256:{n:064x}");
+            let refs = vec![format!("docker.io/library/img{n}:1"), id.clone()];
+            for r in &refs {
+                inv.ref_to_id.insert(r.clone(), id.clone());
+            }
+            inv.images.insert(
+                id.clone(),
+                CriImage {
+                    id,
+                    references: refs,
+                    size: 1,
+                    pinned,
+                    used_by: Vec::new(),
+                    content: BTreeSet::new(),
+                },
+            );
+        }
+        inv
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn any_removal_is_handled_within_bounds(
+            images in proptest::collection::vec(any::<String>(), 0..120),
+            sel in selector(),
+            node_labels in proptest::collection::btree_map("[a-z./-]{0,12}", "[a-z0-9]{0,6}", 0..4),
+            force in any::<bool>(),
+            dry_run in any::<bool>(),
+        ) {
+            let _ = targets(sel.as_ref(), &node_labels);
+            let key = Key { name: "r".into(), uid: "u".into(), generation: 1 };
+            let now = Time(Timestamp::from_second(1).unwrap());
+            let result = match refuse(&images) {
+                Some(reason) => refused(&key, &images, dry_run, &reason, now),
+                None => {
+                    let p = plan(&Request { images: images.clone(), force }, &inventory());
+                    // Nothing pinned is ever planned for deletion.
+                    let pinned_id = format!("sha256:{:064x}", 2);
+                    let touches_pinned = p
+                        .deletes
+                        .iter()
+                        .any(|d| *d == pinned_id || d == "docker.io/library/img2:1");
+                    prop_assert!(!touches_pinned, "a pinned image planned: {:?}", p.deletes);
+                    result(&key, &p, dry_run, 0, now)
+                }
+            };
+            prop_assert!(result.images.len() <= MAX_IMAGES);
+            prop_assert_eq!(result.images.len(), images.len().min(MAX_IMAGES));
+            for i in &result.images {
+                prop_assert!(i.image.len() <= MAX_MESSAGE && i.message.len() <= MAX_MESSAGE);
+                prop_assert!(i.references.len() <= MAX_REFERENCES);
+            }
+            let merged = merge(&[], Some(result), &BTreeSet::from([("r".to_string(), "u".to_string())]));
+            prop_assert!(encoded_len(&merged) <= MAX_ENTRIES_BYTES);
+        }
+    }
+}

@@ -5,6 +5,7 @@
 
 mod api;
 mod bed;
+mod bench;
 mod chart;
 mod cli;
 mod controller;
@@ -19,6 +20,7 @@ fn main() {
     let mut trials = Vec::new();
     trials.extend(api::trials());
     trials.extend(bed::trials());
+    trials.extend(bench::trials());
     trials.extend(chart::trials());
     trials.extend(cli::trials());
     trials.extend(controller::trials());

@@ -231,6 +231,16 @@ impl Operator {
         self.agent_ports[i]
     }
 
+    /// The PID of node `i`'s agent, if it runs.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.agents[i].as_ref().map(Proc::pid)
+    }
+
+    /// The PID of the controller, if it runs.
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.controller.as_ref().map(Proc::pid)
+    }
+
     /// Everything node `i`'s agents (all its restarts) have logged.
     pub fn agent_log(&self, i: usize) -> String {
         let path = self.bed.dir().join(format!("agent-{}.log", self.node(i)));

@@ -110,8 +110,10 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
-/// The `imagegc` binary the long-running processes are started from: the one Cargo built
-/// for this test.
+/// The `imagegc` binary the long-running processes are started from: `IMAGEGC_BIN` if set
+/// (`make bench-operator` measures a release build), else the one Cargo built for this test.
 pub fn imagegc_bin() -> std::path::PathBuf {
-    env!("CARGO_BIN_EXE_imagegc").into()
+    std::env::var_os("IMAGEGC_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_imagegc").into())
 }

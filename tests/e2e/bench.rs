@@ -1,0 +1,191 @@
+//! `make bench-operator`: the operator's latency, API cost and memory on the real test bed,
+//! printed and compared with the targets. Ignored by `make test` (it measures, it does not
+//! judge correctness); run with `cargo test --test e2e -- --ignored bench::`.
+//!
+//! - latency: ImageRemoval created → the node's NodeImageReport shows the outcome, 50 runs;
+//! - API writes by the agent per removal (its own `report_writes` counter);
+//! - agent memory: resident set idle, and the high-water mark after removing 500 images in one
+//!   ImageRemoval; controller memory with 1,000 NodeImageReports to fold.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use imagegc::api::{ImageRemoval, NodeImageReport};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use libtest_mimic::Trial;
+use testbed::image::ImageBuilder;
+
+use crate::operator::{Operator, wait_for};
+use crate::support::{http_get, import, trial};
+
+pub fn trials() -> Vec<Trial> {
+    vec![trial("bench::operator", operator).with_ignored_flag(true)]
+}
+
+/// `VmRSS` and `VmHWM` of `pid`, in KiB.
+fn memory(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{name} of {pid}"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "meets target" } else { "MISSES target" }
+}
+
+async fn counter(port: u16, name: &str) -> Result<f64> {
+    let (_, metrics) = http_get(port, "/metrics").await?;
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{name} in {metrics}"))
+}
+
+async fn operator() -> Result<()> {
+    let op = Operator::start(&[&[("pool", "a")]]).await?;
+    let port = op.agent_port(0);
+    wait_for(
+        "the agent to be ready",
+        Duration::from_secs(30),
+        || async move {
+            Ok(http_get(port, "/readyz")
+                .await
+                .ok()
+                .filter(|(c, _)| *c == 200))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (idle_rss, _) = memory(op.agent_pid(0).context("agent pid")?)?;
+
+    // Latency and writes: 50 removals of a one-image request, one after another.
+    const RUNS: usize = 50;
+    let writes_before = counter(port, "imagegc_agent_report_writes_total").await?;
+    let mut latencies = Vec::with_capacity(RUNS);
+    for n in 0..RUNS {
+        let img = ImageBuilder::new(format!("lat-{n}")).build();
+        let tag = format!("docker.io/library/lat{n}:1");
+        import(&op.socket(0), &img, &[&tag]).await?;
+        testbed::cri::wait_synced(&op.socket(0), &[img.id()], &[&tag]).await?;
+        let start = Instant::now();
+        op.create_removal(&format!("lat-{n}"), serde_json::json!({ "images": [tag] }))
+            .await?;
+        let r = op.wait_result(0, &format!("lat-{n}")).await?;
+        latencies.push(start.elapsed());
+        ensure!(r.images[0].outcome == "Removed", "{r:?}");
+    }
+    let writes = counter(port, "imagegc_agent_report_writes_total").await? - writes_before;
+    latencies.sort();
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+
+    // Peak memory: one removal of 500 images.
+    let mut tags = Vec::new();
+    for n in 0..500 {
+        let img = ImageBuilder::new(format!("peak-{n}")).build();
+        let tag = format!("docker.io/library/peak{n}:1");
+        import(&op.socket(0), &img, &[&tag]).await?;
+        tags.push(tag);
+    }
+    // Chunks of 100 (the schema's maximum per ImageRemoval), created together.
+    let started = Instant::now();
+    for (i, chunk) in tags.chunks(100).enumerate() {
+        op.create_removal(&format!("peak-{i}"), serde_json::json!({ "images": chunk }))
+            .await?;
+    }
+    for i in 0..tags.len().div_ceil(100) {
+        op.wait_result(0, &format!("peak-{i}")).await?;
+    }
+    let removed_in = started.elapsed();
+    let (_, agent_peak) = memory(op.agent_pid(0).context("agent pid")?)?;
+
+    // Controller memory with 1,000 reports (written by the admin, as 1,000 agents would).
+    let nodes = Api::<Node>::all(op.admin.clone());
+    let reports = Api::<NodeImageReport>::all(op.admin.clone());
+    let removal = op
+        .create_removal("wide", serde_json::json!({ "images": ["nothing:1"] }))
+        .await?;
+    let uid = removal.metadata.uid.clone().context("uid")?;
+    for n in 0..1000 {
+        let name = format!("sim-{n:04}");
+        let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+        nodes.create(&PostParams::default(), &node).await?;
+        let apply = PatchParams::apply("bench").force();
+        let object = serde_json::json!({
+            "apiVersion": "imagegc.dev/v1alpha1", "kind": "NodeImageReport",
+            "metadata": {"name": name}, "spec": {"nodeName": name},
+        });
+        reports.patch(&name, &apply, &Patch::Apply(object)).await?;
+        let status = serde_json::json!({
+            "apiVersion": "imagegc.dev/v1alpha1", "kind": "NodeImageReport",
+            "metadata": {"name": name},
+            "status": {"inventory": {"images": 40, "bytes": 4_000_000_000i64, "pinned": 1, "inUse": 10},
+                       "removals": [{"name": "wide", "uid": uid, "generation": 1, "phase": "Succeeded",
+                                     "images": [{"image": "nothing:1", "outcome": "NotPresent"}]}]},
+        });
+        reports
+            .patch_status(&name, &apply, &Patch::Apply(status))
+            .await?;
+    }
+    let removals = Api::<ImageRemoval>::all(op.admin.clone());
+    let removals = &removals;
+    wait_for(
+        "the controller to fold 1,001 reports",
+        Duration::from_secs(120),
+        || async move {
+            let r = removals.get("wide").await?;
+            Ok(r.status
+                .filter(|s| s.target_nodes == 1001 && s.pending == 0)
+                .map(|_| ()))
+        },
+    )
+    .await
+    .with_context(|| op.logs())?;
+    let (controller_rss, controller_peak) = memory(op.controller_pid().context("controller pid")?)?;
+
+    println!("\nbench operator — one node (containerd 2.x), a real API server, 2 cores");
+    println!(
+        "  latency, ImageRemoval created → report shows the outcome, {RUNS} runs: p50 {:.0} ms, p99 {:.0} ms   targets p50 ≤ 2000 ms, p99 ≤ 10000 ms: {}",
+        p50.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+        verdict(p50 <= Duration::from_secs(2) && p99 <= Duration::from_secs(10))
+    );
+    println!(
+        "  agent writes per removal: {:.2}   target ≤ 2: {}",
+        writes / RUNS as f64,
+        verdict(writes / RUNS as f64 <= 2.0)
+    );
+    println!(
+        "  agent memory: idle {:.1} MiB (target ≤ 16: {}); peak {:.1} MiB while removing 500 images in 5 ImageRemovals ({:.1} s) (target ≤ 32: {})",
+        mib(idle_rss),
+        verdict(mib(idle_rss) <= 16.0),
+        mib(agent_peak),
+        removed_in.as_secs_f64(),
+        verdict(mib(agent_peak) <= 32.0)
+    );
+    println!(
+        "  controller memory with 1,001 NodeImageReports folded: {:.1} MiB now, {:.1} MiB peak (target ≤ 32: {})",
+        mib(controller_rss),
+        mib(controller_peak),
+        verdict(mib(controller_peak) <= 32.0)
+    );
+    Ok(())
+}
