@@ -30,6 +30,7 @@ pub struct Cluster {
     etcd_url: String,
     etcd_dir: PathBuf,
     apiserver_args: Vec<String>,
+    etcd_args: Vec<String>,
     apiserver: Option<Proc>,
     etcd: Option<Proc>,
 }
@@ -187,25 +188,18 @@ impl Cluster {
                 key: &pki.admin_key,
             },
         )?;
-        let etcd = Proc::spawn(
-            "etcd",
-            &etcd_bin,
-            &[
-                format!("--data-dir={}", etcd_dir.display()),
-                "--name=testbed".into(),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=testbed={peer_url}"),
-                // Test data only: skip fsync so the bed is fast on slow disks.
-                "--unsafe-no-fsync".into(),
-                "--log-level=warn".into(),
-            ],
-            &[],
-            bed_dir,
-            &dir.join("etcd.log"),
-        )?;
+        let etcd_args = vec![
+            format!("--data-dir={}", etcd_dir.display()),
+            "--name=testbed".into(),
+            format!("--listen-client-urls={etcd_url}"),
+            format!("--advertise-client-urls={etcd_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=testbed={peer_url}"),
+            // Test data only: skip fsync so the bed is fast on slow disks.
+            "--unsafe-no-fsync".into(),
+            "--log-level=warn".into(),
+        ];
         let mut cluster = Cluster {
             server,
             admin_kubeconfig,
@@ -214,12 +208,38 @@ impl Cluster {
             etcd_url,
             etcd_dir,
             apiserver_args,
+            etcd_args,
             apiserver: None,
-            etcd: Some(etcd),
+            etcd: None,
         };
+        cluster.start_etcd(&etcd_bin)?;
         cluster.start_apiserver(&apiserver_bin)?;
         cluster.wait_ready(Duration::from_secs(90)).await?;
         Ok(cluster)
+    }
+
+    fn start_etcd(&mut self, bin: &Path) -> Result<()> {
+        let bed_dir = self.dir.parent().unwrap_or(&self.dir).to_path_buf();
+        self.etcd = Some(Proc::spawn(
+            "etcd",
+            bin,
+            &self.etcd_args,
+            &[],
+            &bed_dir,
+            &self.dir.join("etcd.log"),
+        )?);
+        Ok(())
+    }
+
+    /// SIGKILLs etcd, leaves it down for `down`, starts it again on the same data and ports
+    /// (fault injection); waits until the API server is ready again.
+    pub async fn restart_etcd(&mut self, down: Duration) -> Result<()> {
+        if let Some(mut p) = self.etcd.take() {
+            p.kill_hard();
+        }
+        tokio::time::sleep(down).await;
+        self.start_etcd(&tools::go_tool("etcd")?)?;
+        self.wait_ready(Duration::from_secs(90)).await
     }
 
     fn start_apiserver(&mut self, bin: &Path) -> Result<()> {

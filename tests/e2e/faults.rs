@@ -37,6 +37,10 @@ pub fn trials() -> Vec<Trial> {
             "faults::malformed_object_does_not_wedge_watches",
             malformed_object_does_not_wedge_watches,
         ),
+        trial(
+            "faults::etcd_outage_during_removal",
+            etcd_outage_during_removal,
+        ),
     ]
 }
 
@@ -435,5 +439,51 @@ async fn malformed_object_does_not_wedge_watches() -> Result<()> {
         log.contains("ignoring an object that does not match") && log.contains("malformed"),
         "the agent says what it skipped:\n{log}"
     );
+    Ok(())
+}
+
+/// etcd is SIGKILLed right after a removal is created and stays down for 5 s while two
+/// agents and the controller run: writes fail and are retried, watches resume, every removal
+/// runs once per node and both ImageRemovals complete.
+async fn etcd_outage_during_removal() -> Result<()> {
+    let mut op = Operator::start(&[&[("pool", "a")], &[("pool", "a")]]).await?;
+    let mut all = Vec::new();
+    for i in 0..2 {
+        all.push(seed(&op, i, "eo", 10).await?);
+    }
+    op.create_removal("before", serde_json::json!({ "images": all[0].1 }))
+        .await?;
+    op.bed
+        .cluster
+        .as_mut()
+        .context("cluster")?
+        .restart_etcd(Duration::from_secs(5))
+        .await?;
+    op.create_removal("after", serde_json::json!({ "images": ["eo0:2"] }))
+        .await?;
+    for (i, (built, _)) in all.iter().enumerate() {
+        let r = op.wait_result(i, "before").await?;
+        ensure!(
+            r.images.iter().all(|i| i.outcome == "Removed"),
+            "node {i}: {r:?}"
+        );
+        let r = op.wait_result(i, "after").await?;
+        ensure!(r.images[0].outcome == "NotPresent", "node {i}: {r:?}");
+        all_gone(&op, i, "eo", built).await?;
+        let (_, metrics) = http_get(op.agent_port(i), "/metrics").await?;
+        ensure!(
+            metrics
+                .contains(r#"imagegc_agent_removals_total{phase="Succeeded",dry_run="false"} 2"#),
+            "node {i} ran each removal once: {metrics}"
+        );
+    }
+    for name in ["before", "after"] {
+        op.wait_status(name, "Complete on both nodes", |r: &ImageRemoval| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.target_nodes == 2 && s.succeeded == 2)
+        })
+        .await?;
+    }
     Ok(())
 }
