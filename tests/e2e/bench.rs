@@ -37,6 +37,21 @@ fn memory(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// User plus system CPU time of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the ')'.
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+fn ticks_per_second() -> f64 {
+    100.0
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -75,7 +90,14 @@ async fn operator() -> Result<()> {
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (idle_rss, _) = memory(op.agent_pid(0).context("agent pid")?)?;
+    let agent_pid = op.agent_pid(0).context("agent pid")?;
+    let (idle_rss, _) = memory(agent_pid)?;
+    let (cpu_before, idle_window) = (cpu_ticks(agent_pid)?, Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle_millicores = (cpu_ticks(agent_pid)? - cpu_before) as f64
+        / ticks_per_second()
+        / idle_window.elapsed().as_secs_f64()
+        * 1000.0;
 
     // Latency and writes: 50 removals of a one-image request, one after another.
     const RUNS: usize = 50;
@@ -172,6 +194,10 @@ async fn operator() -> Result<()> {
         "  agent writes per removal: {:.2}   target ≤ 2: {}",
         writes / RUNS as f64,
         verdict(writes / RUNS as f64 <= 2.0)
+    );
+    println!(
+        "  agent CPU idle over 10 s: {idle_millicores:.2} mCPU   target ≤ 2: {}",
+        verdict(idle_millicores <= 2.0)
     );
     println!(
         "  agent memory: idle {:.1} MiB (target ≤ 16: {}); peak {:.1} MiB while removing 500 images in 5 ImageRemovals ({:.1} s) (target ≤ 32: {})",
