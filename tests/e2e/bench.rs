@@ -17,7 +17,7 @@ use libtest_mimic::Trial;
 use testbed::image::ImageBuilder;
 
 use crate::operator::{Operator, wait_for};
-use crate::support::{http_get, import, trial};
+use crate::support::{http_get, import, trial, wait_http_ok};
 
 pub fn trials() -> Vec<Trial> {
     vec![trial("bench::operator", operator).with_ignored_flag(true)]
@@ -78,17 +78,7 @@ async fn counter(port: u16, name: &str) -> Result<f64> {
 async fn operator() -> Result<()> {
     let op = Operator::start(&[&[("pool", "a")]]).await?;
     let port = op.agent_port(0);
-    wait_for(
-        "the agent to be ready",
-        Duration::from_secs(30),
-        || async move {
-            Ok(http_get(port, "/readyz")
-                .await
-                .ok()
-                .filter(|(c, _)| *c == 200))
-        },
-    )
-    .await?;
+    wait_http_ok(port, "/readyz").await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let agent_pid = op.agent_pid(0).context("agent pid")?;
     let (idle_rss, _) = memory(agent_pid)?;

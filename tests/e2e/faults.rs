@@ -3,17 +3,15 @@
 //! removal is in flight. Each time the operator must converge to the right end state without
 //! repeating work.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use imagegc::api::ImageRemoval;
-use imagegc::core::inventory::PENDING_LABEL;
 use libtest_mimic::Trial;
 use testbed::image::{self, BuiltImage, ImageBuilder};
 
 use crate::operator::{Operator, wait_for};
-use crate::support::{NS, http_get, import, trial};
+use crate::support::{NS, http_get, import, trial, wait_http_ok};
 
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -44,81 +42,16 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
-/// Imports `k` images with two tags each on node `i`; returns them and their first tags.
-async fn seed(
-    op: &Operator,
-    i: usize,
-    prefix: &str,
-    k: usize,
-) -> Result<(Vec<BuiltImage>, Vec<String>)> {
-    let socket = op.socket(i);
-    let (mut built, mut tags) = (Vec::new(), Vec::new());
-    for n in 0..k {
-        let img = ImageBuilder::new(format!("{prefix}-{n}"))
-            .layer_sizes(&[2048])
-            .build();
-        let a = format!("docker.io/library/{prefix}{n}:1");
-        let b = format!("docker.io/library/{prefix}{n}:2");
-        import(&socket, &img, &[&a, &b]).await?;
-        testbed::cri::wait_synced(&socket, &[img.id()], &[&a, &b]).await?;
-        tags.push(a);
-        built.push(img);
-    }
-    Ok((built, tags))
-}
-
-/// Nothing of `built` is left on node `i`: no record, no pending mark, no content once the
-/// collector ran.
-async fn all_gone(op: &Operator, i: usize, prefix: &str, built: &[BuiltImage]) -> Result<()> {
-    let socket = op.socket(i);
-    let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
-    let records = rt.list_images().await?;
-    let ids: BTreeSet<String> = built.iter().map(BuiltImage::id).collect();
-    let left: Vec<&str> = records
-        .iter()
-        .filter(|r| {
-            r.name.starts_with(&format!("docker.io/library/{prefix}"))
-                || ids.contains(&r.name)
-                || r.labels.contains_key(PENDING_LABEL)
-        })
-        .map(|r| r.name.as_str())
-        .collect();
-    ensure!(left.is_empty(), "left on node {i}: {left:?}");
-    image::force_gc(&socket, NS).await?;
-    let content = image::content_digests(&socket, NS).await?;
-    let leaked = built
-        .iter()
-        .filter(|b| b.digests().iter().any(|d| content.contains(d)))
-        .count();
-    ensure!(leaked == 0, "{leaked} images' content still on node {i}");
-    Ok(())
-}
-
 /// containerd is SIGKILLed while the agent is deleting a batch and restarted a moment later:
 /// the agent's call fails, it retries with backoff, and the batch completes — once.
 async fn containerd_killed_mid_batch_is_retried() -> Result<()> {
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
-    let (built, tags) = seed(&op, 0, "ck", 60).await?;
+    let (built, tags) = op.seed(0, "ck", 60).await?;
     op.stop_agent(0);
     op.create_removal("batch", serde_json::json!({ "images": tags }))
         .await?;
     op.start_agent(0)?;
-    let socket = op.socket(0);
-    let sock = &socket;
-    wait_for(
-        "the batch to start",
-        Duration::from_secs(60),
-        || async move {
-            let rt = imagegc::containerd::Runtime::connect(sock, NS).await?;
-            let recs = rt.list_images().await?;
-            Ok(recs
-                .iter()
-                .any(|r| r.labels.contains_key(PENDING_LABEL))
-                .then_some(()))
-        },
-    )
-    .await
-    .with_context(|| op.logs())?;
+    op.wait_pending_mark(0).await?;
     op.bed.nodes[0].kill_hard();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     op.bed.nodes[0].restart()?;
@@ -130,7 +63,7 @@ async fn containerd_killed_mid_batch_is_retried() -> Result<()> {
             .all(|i| i.outcome == "Removed" || i.outcome == "NotPresent"),
         "{r:?}"
     );
-    all_gone(&op, 0, "ck", &built).await?;
+    op.assert_all_gone(0, "ck", &built).await?;
     let (_, metrics) = http_get(op.agent_port(0), "/metrics").await?;
     ensure!(
         metrics.contains(r#"imagegc_agent_removals_total{phase="Succeeded",dry_run="false"} 1"#),
@@ -149,7 +82,7 @@ async fn containerd_killed_mid_batch_is_retried() -> Result<()> {
 /// says so once, and becomes ready and does its work as soon as containerd is back.
 async fn agent_waits_for_containerd() -> Result<()> {
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
-    let (built, tags) = seed(&op, 0, "wc", 3).await?;
+    let (built, tags) = op.seed(0, "wc", 3).await?;
     op.stop_agent(0);
     op.bed.nodes[0].kill_hard();
     let _ = std::fs::remove_file(op.socket(0));
@@ -157,18 +90,9 @@ async fn agent_waits_for_containerd() -> Result<()> {
         .await?;
     op.start_agent(0)?;
     let port = op.agent_port(0);
-    wait_for(
-        "the agent to serve /livez",
-        Duration::from_secs(30),
-        || async move {
-            Ok(http_get(port, "/livez")
-                .await
-                .ok()
-                .filter(|(c, _)| *c == 200))
-        },
-    )
-    .await
-    .with_context(|| op.logs())?;
+    wait_http_ok(port, "/livez")
+        .await
+        .with_context(|| op.logs())?;
     // Give it several retry rounds without containerd.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (code, _) = http_get(port, "/readyz").await?;
@@ -185,21 +109,12 @@ async fn agent_waits_for_containerd() -> Result<()> {
     );
 
     op.bed.nodes[0].restart()?;
-    wait_for(
-        "/readyz after containerd is back",
-        Duration::from_secs(30),
-        || async move {
-            Ok(http_get(port, "/readyz")
-                .await
-                .ok()
-                .filter(|(c, _)| *c == 200))
-        },
-    )
-    .await
-    .with_context(|| op.logs())?;
+    wait_http_ok(port, "/readyz")
+        .await
+        .with_context(|| op.logs())?;
     let r = op.wait_result(0, "later").await?;
     ensure!(r.images.iter().all(|i| i.outcome == "Removed"), "{r:?}");
-    all_gone(&op, 0, "wc", &built).await
+    op.assert_all_gone(0, "wc", &built).await
 }
 
 /// The API server is SIGKILLed and restarted right after a removal is created (the agents are
@@ -209,7 +124,7 @@ async fn apiserver_restart_during_removal() -> Result<()> {
     let mut op = Operator::start(&[&[("pool", "a")], &[("pool", "a")]]).await?;
     let mut all = Vec::new();
     for i in 0..2 {
-        let (built, tags) = seed(&op, i, "ar", 20).await?;
+        let (built, tags) = op.seed(i, "ar", 20).await?;
         all.push((built, tags));
     }
     op.create_removal("during", serde_json::json!({ "images": all[0].1 }))
@@ -223,31 +138,7 @@ async fn apiserver_restart_during_removal() -> Result<()> {
     // A second removal created after the restart is seen too (the watches resumed).
     op.create_removal("after", serde_json::json!({ "images": ["ar0:2"] }))
         .await?;
-    for (i, (built, _)) in all.iter().enumerate() {
-        let r = op.wait_result(i, "during").await?;
-        ensure!(
-            r.images.iter().all(|i| i.outcome == "Removed"),
-            "node {i}: {r:?}"
-        );
-        let r = op.wait_result(i, "after").await?;
-        ensure!(r.images[0].outcome == "NotPresent", "node {i}: {r:?}");
-        all_gone(&op, i, "ar", built).await?;
-        let (_, metrics) = http_get(op.agent_port(i), "/metrics").await?;
-        ensure!(
-            metrics
-                .contains(r#"imagegc_agent_removals_total{phase="Succeeded",dry_run="false"} 2"#),
-            "node {i} ran each removal once: {metrics}"
-        );
-    }
-    for name in ["during", "after"] {
-        op.wait_status(name, "Complete on both nodes", |r: &ImageRemoval| {
-            r.status
-                .as_ref()
-                .is_some_and(|s| s.target_nodes == 2 && s.succeeded == 2)
-        })
-        .await?;
-    }
-    Ok(())
+    converged_once(&op, ["during", "after"], "ar", &all).await
 }
 
 /// Kill iterations of [`agent_sigkilled_at_random_points`].
@@ -284,7 +175,7 @@ async fn agent_sigkilled_at_random_points() -> Result<()> {
     let mut mid_batch = 0;
     for n in 0..KILL_ITERATIONS {
         let prefix = format!("it{n}x");
-        let (built, mut tags) = seed_images(&op, &prefix, 16).await?;
+        let (built, mut tags) = op.seed(0, &prefix, 16).await?;
         tags.extend(["keep:1".to_string(), "used:1".to_string()]);
         op.stop_agent(0);
         let name = format!("chaos-{n}");
@@ -297,14 +188,9 @@ async fn agent_sigkilled_at_random_points() -> Result<()> {
         let r = seed >> 33;
         let delay = if n % 2 == 0 {
             // Poll tightly: a batch of 16 takes tens of milliseconds.
-            let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             loop {
-                let marked = rt
-                    .list_images()
-                    .await?
-                    .iter()
-                    .any(|r| r.labels.contains_key(PENDING_LABEL));
+                let marked = op.pending_marks(0).await? > 0;
                 let finished = !image::image_names(&socket, NS).await?.contains(&tags[0]);
                 if marked || finished {
                     break;
@@ -322,13 +208,7 @@ async fn agent_sigkilled_at_random_points() -> Result<()> {
         };
         tokio::time::sleep(delay).await;
         op.kill_agent(0);
-        let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
-        if rt
-            .list_images()
-            .await?
-            .iter()
-            .any(|r| r.labels.contains_key(PENDING_LABEL))
-        {
+        if op.pending_marks(0).await? > 0 {
             mid_batch += 1;
         }
         op.start_agent(0)?;
@@ -344,7 +224,7 @@ async fn agent_sigkilled_at_random_points() -> Result<()> {
                 && outcomes[16..] == ["Pinned", "InUse"],
             "iteration {n}: {outcomes:?}"
         );
-        all_gone(&op, 0, &prefix, &built)
+        op.assert_all_gone(0, &prefix, &built)
             .await
             .with_context(|| format!("iteration {n}, killed after {delay:?}"))?;
         let left = image::image_names(&socket, NS).await?;
@@ -363,14 +243,6 @@ async fn agent_sigkilled_at_random_points() -> Result<()> {
     Ok(())
 }
 
-async fn seed_images(
-    op: &Operator,
-    prefix: &str,
-    k: usize,
-) -> Result<(Vec<BuiltImage>, Vec<String>)> {
-    seed(op, 0, prefix, k).await
-}
-
 /// An ImageRemoval that does not fit the current schema (written while the CRD accepted
 /// anything, as an older version might have left one) is logged and skipped by the agent and
 /// the controller, whose watches keep serving every other object.
@@ -379,7 +251,7 @@ async fn malformed_object_does_not_wedge_watches() -> Result<()> {
     use kube::api::{Api, PostParams};
 
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
-    let (built, tags) = seed(&op, 0, "mo", 1).await?;
+    let (built, tags) = op.seed(0, "mo", 1).await?;
     let crds = Api::<CustomResourceDefinition>::all(op.admin.clone());
     let name = "imageremovals.imagegc.dev";
     let strict = crds.get(name).await?;
@@ -427,7 +299,7 @@ async fn malformed_object_does_not_wedge_watches() -> Result<()> {
         .await?;
     let r = op.wait_result(0, "wellformed").await?;
     ensure!(r.images[0].outcome == "Removed", "{r:?}");
-    all_gone(&op, 0, "mo", &built).await?;
+    op.assert_all_gone(0, "mo", &built).await?;
     op.wait_status("wellformed", "Complete", |r: &ImageRemoval| {
         r.status
             .as_ref()
@@ -449,7 +321,7 @@ async fn etcd_outage_during_removal() -> Result<()> {
     let mut op = Operator::start(&[&[("pool", "a")], &[("pool", "a")]]).await?;
     let mut all = Vec::new();
     for i in 0..2 {
-        all.push(seed(&op, i, "eo", 10).await?);
+        all.push(op.seed(i, "eo", 10).await?);
     }
     op.create_removal("before", serde_json::json!({ "images": all[0].1 }))
         .await?;
@@ -461,15 +333,27 @@ async fn etcd_outage_during_removal() -> Result<()> {
         .await?;
     op.create_removal("after", serde_json::json!({ "images": ["eo0:2"] }))
         .await?;
-    for (i, (built, _)) in all.iter().enumerate() {
-        let r = op.wait_result(i, "before").await?;
+    converged_once(&op, ["before", "after"], "eo", &all).await
+}
+
+/// Both removals (`names`, each seeded on its node under `prefix`) ended on every node as
+/// they should (the first removed everything, the second found its image gone), each ran
+/// exactly once per node, and both ImageRemovals are Complete on every node.
+async fn converged_once(
+    op: &Operator,
+    names: [&str; 2],
+    prefix: &str,
+    seeded: &[(Vec<BuiltImage>, Vec<String>)],
+) -> Result<()> {
+    for (i, (built, _)) in seeded.iter().enumerate() {
+        let r = op.wait_result(i, names[0]).await?;
         ensure!(
             r.images.iter().all(|i| i.outcome == "Removed"),
             "node {i}: {r:?}"
         );
-        let r = op.wait_result(i, "after").await?;
+        let r = op.wait_result(i, names[1]).await?;
         ensure!(r.images[0].outcome == "NotPresent", "node {i}: {r:?}");
-        all_gone(&op, i, "eo", built).await?;
+        op.assert_all_gone(i, prefix, built).await?;
         let (_, metrics) = http_get(op.agent_port(i), "/metrics").await?;
         ensure!(
             metrics
@@ -477,11 +361,11 @@ async fn etcd_outage_during_removal() -> Result<()> {
             "node {i} ran each removal once: {metrics}"
         );
     }
-    for name in ["before", "after"] {
-        op.wait_status(name, "Complete on both nodes", |r: &ImageRemoval| {
-            r.status
-                .as_ref()
-                .is_some_and(|s| s.target_nodes == 2 && s.succeeded == 2)
+    for name in names {
+        op.wait_status(name, "Complete on every node", |r: &ImageRemoval| {
+            r.status.as_ref().is_some_and(|s| {
+                s.target_nodes == seeded.len() as i32 && s.succeeded == s.target_nodes
+            })
         })
         .await?;
     }

@@ -308,6 +308,94 @@ impl Operator {
         out
     }
 
+    /// Imports `k` images with two tags each (`<prefix><n>:1`, `<prefix><n>:2`) on node `i`
+    /// and waits until the CRI plugin lists them; returns them and their first tags.
+    pub async fn seed(
+        &self,
+        i: usize,
+        prefix: &str,
+        k: usize,
+    ) -> Result<(Vec<BuiltImage>, Vec<String>)> {
+        let socket = self.socket(i);
+        let (mut built, mut tags) = (Vec::new(), Vec::new());
+        for n in 0..k {
+            let img = ImageBuilder::new(format!("{prefix}-{n}"))
+                .layer_sizes(&[2048])
+                .build();
+            let a = format!("docker.io/library/{prefix}{n}:1");
+            let b = format!("docker.io/library/{prefix}{n}:2");
+            import(&socket, &img, &[&a, &b]).await?;
+            testbed::cri::wait_synced(&socket, &[img.id()], &[&a, &b]).await?;
+            tags.push(a);
+            built.push(img);
+        }
+        Ok((built, tags))
+    }
+
+    /// Records on node `i` that carry a pending mark.
+    pub async fn pending_marks(&self, i: usize) -> Result<usize> {
+        let rt = imagegc::containerd::Runtime::connect(&self.socket(i), NS).await?;
+        Ok(rt
+            .list_images()
+            .await?
+            .iter()
+            .filter(|r| r.labels.contains_key(PENDING_LABEL))
+            .count())
+    }
+
+    /// Waits until node `i` shows a pending mark: a batch is in flight.
+    pub async fn wait_pending_mark(&self, i: usize) -> Result<()> {
+        wait_for("a pending mark", CONVERGE, || async move {
+            Ok((self.pending_marks(i).await? > 0).then_some(()))
+        })
+        .await
+        .with_context(|| self.logs())
+    }
+
+    /// Nothing of `built` (seeded under `prefix`) is left on node `i`: no record, no pending
+    /// mark, no content once the collector ran.
+    pub async fn assert_all_gone(
+        &self,
+        i: usize,
+        prefix: &str,
+        built: &[BuiltImage],
+    ) -> Result<()> {
+        let socket = self.socket(i);
+        let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
+        let records = rt.list_images().await?;
+        let ids: BTreeSet<String> = built.iter().map(BuiltImage::id).collect();
+        let left: Vec<&str> = records
+            .iter()
+            .filter(|r| {
+                r.name.starts_with(&format!("docker.io/library/{prefix}"))
+                    || ids.contains(&r.name)
+                    || r.labels.contains_key(PENDING_LABEL)
+            })
+            .map(|r| r.name.as_str())
+            .collect();
+        ensure!(left.is_empty(), "left on node {i}: {left:?}");
+        image::force_gc(&socket, NS).await?;
+        let content = image::content_digests(&socket, NS).await?;
+        let leaked = built
+            .iter()
+            .filter(|b| b.digests().iter().any(|d| content.contains(d)))
+            .count();
+        ensure!(leaked == 0, "{leaked} images' content still on node {i}");
+        Ok(())
+    }
+
+    /// Merge-patches the spec of ImageRemoval `name` (a new generation).
+    pub async fn patch_spec(&self, name: &str, spec: serde_json::Value) -> Result<()> {
+        Api::<ImageRemoval>::all(self.admin.clone())
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "spec": spec })),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Creates an ImageRemoval from a JSON spec.
     pub async fn create_removal(
         &self,
@@ -517,12 +605,7 @@ async fn removal_by_label_reports_and_completes() -> Result<()> {
         "a done generation ran again after a restart"
     );
     // ...and a new generation (a changed spec) runs.
-    Api::<ImageRemoval>::all(op.admin.clone())
-        .patch(
-            "app",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"force": true}})),
-        )
+    op.patch_spec("app", serde_json::json!({"force": true}))
         .await?;
     let r = op.wait_result(0, "app").await?;
     ensure!(
@@ -552,12 +635,7 @@ async fn removal_by_label_reports_and_completes() -> Result<()> {
 
     // ttlSecondsAfterFinished deletes the finished removal; agents then drop its entries.
     let removals = Api::<ImageRemoval>::all(op.admin.clone());
-    removals
-        .patch(
-            "app",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"ttlSecondsAfterFinished": 1}})),
-        )
+    op.patch_spec("app", serde_json::json!({"ttlSecondsAfterFinished": 1}))
         .await?;
     let removals = &removals;
     wait_for("the TTL to delete the removal", CONVERGE, || async move {
@@ -636,12 +714,7 @@ async fn protections_force_and_bad_input() -> Result<()> {
     ensure!(records(&op, 0).await?.contains("docker.io/library/used:1"));
 
     // force (a new generation) removes the in-use image; the pinned one still stays.
-    Api::<ImageRemoval>::all(op.admin.clone())
-        .patch(
-            "protect",
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"force": true}})),
-        )
+    op.patch_spec("protect", serde_json::json!({"force": true}))
         .await?;
     let r = op.wait_result(0, "protect").await?;
     ensure!(r.generation == 2, "{r:?}");
@@ -703,48 +776,18 @@ async fn protections_force_and_bad_input() -> Result<()> {
 /// left pending or stranded, and the report shows the outcome.
 async fn agent_killed_mid_removal_finishes() -> Result<()> {
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
-    let socket = op.socket(0);
-    const K: usize = 60;
-    let mut built: Vec<BuiltImage> = Vec::new();
-    let mut requested = Vec::new();
-    for n in 0..K {
-        let img = ImageBuilder::new(format!("op-kill-{n}"))
-            .layer_sizes(&[2048])
-            .build();
-        let a = format!("docker.io/library/kill{n}:1");
-        let b = format!("docker.io/library/kill{n}:2");
-        import(&socket, &img, &[&a, &b]).await?;
-        testbed::cri::wait_synced(&socket, &[img.id()], &[&a, &b]).await?;
-        requested.push(a);
-        built.push(img);
-    }
+    let (built, requested) = op.seed(0, "kill", 60).await?;
     // Stop the agent so the kill lands while the batch is in flight: restart it only once
     // the removal exists, then kill it as soon as containerd shows pending records.
     op.kill_agent(0);
     op.create_removal("big", serde_json::json!({"images": requested}))
         .await?;
     op.start_agent(0)?;
-    let sock = &socket;
-    let caught = wait_for("pending records", CONVERGE, || async move {
-        let rt = imagegc::containerd::Runtime::connect(sock, NS).await?;
-        let recs = rt.list_images().await?;
-        Ok(recs
-            .iter()
-            .any(|r| r.labels.contains_key(PENDING_LABEL))
-            .then_some(()))
-    })
-    .await;
+    let caught = op.wait_pending_mark(0).await;
     op.kill_agent(0);
-    caught.with_context(|| op.logs())?;
-    let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
-    let interrupted = rt
-        .list_images()
-        .await?
-        .into_iter()
-        .filter(|r| r.labels.contains_key(PENDING_LABEL))
-        .count();
+    caught?;
     ensure!(
-        interrupted > 0,
+        op.pending_marks(0).await? > 0,
         "the kill must land mid-batch (pending records left)"
     );
 
@@ -756,34 +799,7 @@ async fn agent_killed_mid_removal_finishes() -> Result<()> {
             .all(|i| i.outcome == "Removed" || i.outcome == "NotPresent"),
         "{r:?}"
     );
-    let left = records(&op, 0).await?;
-    let ids: BTreeSet<String> = built.iter().map(|b| b.id()).collect();
-    ensure!(
-        !left
-            .iter()
-            .any(|n| n.starts_with("docker.io/library/kill") || ids.contains(n)),
-        "stranded records: {left:?}"
-    );
-    let pending = rt
-        .list_images()
-        .await?
-        .into_iter()
-        .filter(|r| r.labels.contains_key(PENDING_LABEL))
-        .count();
-    ensure!(pending == 0, "{pending} records still pending");
-    // Nothing of the removed images keeps content alive once the collector ran.
-    image::force_gc(&socket, NS).await?;
-    let content = image::content_digests(&socket, NS).await?;
-    let leaked: Vec<&BuiltImage> = built
-        .iter()
-        .filter(|b| b.digests().iter().any(|d| content.contains(d)))
-        .collect();
-    ensure!(
-        leaked.is_empty(),
-        "{} images' content still on disk",
-        leaked.len()
-    );
-    Ok(())
+    op.assert_all_gone(0, "kill", &built).await
 }
 
 /// The admission policy holds with a real agent's credentials: node-0's agent token may write

@@ -117,3 +117,18 @@ pub fn imagegc_bin() -> std::path::PathBuf {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_imagegc").into())
 }
+
+/// Waits up to 30 s until `path` on `port` answers 200.
+pub async fn wait_http_ok(port: u16, path: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok((200, _)) = http_get(port, path).await {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{path} on port {port} did not answer 200 in 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
