@@ -290,11 +290,61 @@ impl Cluster {
 
     /// SIGKILLs the API server and starts it again (fault injection); waits for readiness.
     pub async fn restart_apiserver(&mut self) -> Result<()> {
+        self.kill_apiserver();
+        self.start_apiserver_again().await
+    }
+
+    /// SIGKILLs the API server (fault injection); [`Cluster::start_apiserver_again`] brings
+    /// it back.
+    pub fn kill_apiserver(&mut self) {
         if let Some(mut p) = self.apiserver.take() {
             p.kill_hard();
         }
+    }
+
+    /// Starts the API server after [`Cluster::kill_apiserver`]; waits for readiness.
+    pub async fn start_apiserver_again(&mut self) -> Result<()> {
         self.start_apiserver(&tools::go_tool("kube-apiserver")?)?;
         self.wait_ready(Duration::from_secs(90)).await
+    }
+
+    /// Advances etcd's revision (a write outside the API server's keys) and compacts its
+    /// history up to there, physically: every older revision is gone, so a watch resuming
+    /// from one can only be answered with `410 Gone`. Returns the compacted revision.
+    pub async fn compact_etcd(&self) -> Result<i64> {
+        let put = serde_json::json!({"key": "dGVzdGJlZC9jb21wYWN0", "value": "MQ=="});
+        let reply = self.etcd_post("/v3/kv/put", &put).await?;
+        let revision: i64 = reply["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .with_context(|| format!("etcd put returned no revision: {reply}"))?;
+        let compact = serde_json::json!({"revision": revision.to_string(), "physical": true});
+        self.etcd_post("/v3/kv/compaction", &compact).await?;
+        Ok(revision)
+    }
+
+    /// POSTs `body` to etcd's JSON gateway and returns the JSON reply.
+    async fn etcd_post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = self.etcd_url.trim_start_matches("http://");
+        let body = body.to_string();
+        let mut stream = tokio::net::TcpStream::connect(host).await?;
+        let request = format!(
+            "POST {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, payload) = response
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("etcd {path}: malformed reply {response:?}"))?;
+        // HTTP/1.0, so the reply is never chunked.
+        if head.split_whitespace().nth(1) != Some("200") {
+            bail!("etcd {path}: {head}\n{payload}");
+        }
+        serde_json::from_str(payload.trim())
+            .with_context(|| format!("etcd {path}: reply is not JSON: {payload:?}"))
     }
 
     /// The etcd client URL.
@@ -397,6 +447,41 @@ impl Cluster {
         let token = self.service_account_token(namespace, name, None).await?;
         let path = self.token_kubeconfig(&format!("sa-{namespace}-{name}.kubeconfig"), &token)?;
         client_from_kubeconfig(&path).await
+    }
+
+    /// Runs `kubectl` with the admin kubeconfig; fails with its output if it fails.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new(tools::go_tool("kubectl")?)
+            .arg("--kubeconfig")
+            .arg(&self.admin_kubeconfig)
+            .args(args)
+            .output()
+            .context("running kubectl")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl apply --server-side -f manifest`, retried for up to `timeout` while the API
+    /// server settles (a fresh server may not serve every API group yet).
+    pub async fn apply(&self, manifest: &Path, timeout: Duration) -> Result<()> {
+        let manifest = manifest.to_str().context("manifest path is not UTF-8")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.kubectl(&["apply", "--server-side", "-f", manifest]) {
+                Ok(_) => return Ok(()),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Stops the API server, then etcd.

@@ -28,6 +28,10 @@ pub fn trials() -> Vec<Trial> {
             apiserver_restart_during_removal,
         ),
         trial(
+            "faults::watches_relist_after_410_gone",
+            watches_relist_after_410_gone,
+        ),
+        trial(
             "faults::agent_sigkilled_at_random_points",
             agent_sigkilled_at_random_points,
         ),
@@ -139,6 +143,55 @@ async fn apiserver_restart_during_removal() -> Result<()> {
     op.create_removal("after", serde_json::json!({ "images": ["ar0:2"] }))
         .await?;
     converged_once(&op, ["during", "after"], "ar", &all).await
+}
+
+/// A forced `410 Gone`: while the API server is down, etcd's history is compacted past every
+/// revision the agent's watches have seen, so the restarted server can answer their resumption
+/// only with 410 (Expired). The agent must relist: it logs the 410 ("too old resource version")
+/// for its ImageRemoval watch, executes a removal created
+/// afterwards, and does not run the one it had finished before again.
+async fn watches_relist_after_410_gone() -> Result<()> {
+    let mut op = Operator::start(&[&[("pool", "a")]]).await?;
+    let (built, tags) = op.seed(0, "gone", 2).await?;
+    op.create_removal("before", serde_json::json!({ "images": [tags[0]] }))
+        .await?;
+    let r = op.wait_result(0, "before").await?;
+    ensure!(r.images[0].outcome == "Removed", "{r:?}");
+
+    let cluster = op.bed.cluster.as_mut().context("cluster")?;
+    cluster.kill_apiserver();
+    let compacted = cluster.compact_etcd().await?;
+    cluster.start_apiserver_again().await?;
+    wait_for(
+        &format!("the agent's watch to be refused with 410 (etcd compacted at {compacted})"),
+        Duration::from_secs(60),
+        || async {
+            let log = op.agent_log(0);
+            Ok(log
+                .lines()
+                // 410 Expired, as kube's watcher words it.
+                .any(|l| {
+                    l.contains("watch failed")
+                        && l.contains("kind=ImageRemoval")
+                        && l.contains("too old resource version")
+                })
+                .then_some(()))
+        },
+    )
+    .await
+    .with_context(|| format!("agent log:\n{}", op.agent_log(0)))?;
+
+    op.create_removal("after", serde_json::json!({ "images": [tags[1]] }))
+        .await?;
+    let r = op.wait_result(0, "after").await?;
+    ensure!(r.images[0].outcome == "Removed", "{r:?}");
+    op.assert_all_gone(0, "gone", &built).await?;
+    let (_, metrics) = http_get(op.agent_port(0), "/metrics").await?;
+    ensure!(
+        metrics.contains(r#"imagegc_agent_removals_total{phase="Succeeded",dry_run="false"} 2"#),
+        "each removal ran once: {metrics}"
+    );
+    Ok(())
 }
 
 /// Kill iterations of [`agent_sigkilled_at_random_points`].

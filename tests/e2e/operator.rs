@@ -49,25 +49,6 @@ pub fn trials() -> Vec<Trial> {
     ]
 }
 
-/// Runs `kubectl` with the admin kubeconfig; fails with its output if it fails.
-pub fn kubectl(bed: &TestBed, args: &[&str]) -> Result<String> {
-    let bin = testbed::tools::go_tool("kubectl")?;
-    let out = std::process::Command::new(bin)
-        .arg("--kubeconfig")
-        .arg(&bed.cluster()?.admin_kubeconfig)
-        .args(args)
-        .output()
-        .context("running kubectl")?;
-    ensure!(
-        out.status.success(),
-        "kubectl {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The rendered chart.
 pub fn deploy_manifest() -> PathBuf {
     testbed::tools::repo_root().join("deploy/imagegc.yaml")
@@ -76,19 +57,7 @@ pub fn deploy_manifest() -> PathBuf {
 /// Applies the rendered chart (retrying while the API server settles) and waits until the
 /// CRDs serve.
 pub async fn install(bed: &TestBed) -> Result<()> {
-    let manifest = deploy_manifest();
-    let manifest = manifest.to_str().context("manifest path")?;
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        match kubectl(bed, &["apply", "--server-side", "-f", manifest]) {
-            Ok(_) => break,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    bed.cluster()?.apply(&deploy_manifest(), CONVERGE).await?;
     let admin = bed.cluster()?.admin_client().await?;
     let api = Api::<NodeImageReport>::all(admin.clone());
     let removals = Api::<ImageRemoval>::all(admin);
