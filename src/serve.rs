@@ -84,6 +84,12 @@ impl Shutdown {
         Ok(Shutdown(rx))
     }
 
+    /// A stop the caller triggers with the returned [`Trigger`] (for embedding).
+    pub fn manual() -> (Trigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (Trigger(tx), Shutdown(rx))
+    }
+
     /// Whether the stop was requested.
     pub fn requested(&self) -> bool {
         *self.0.borrow()
@@ -92,6 +98,17 @@ impl Shutdown {
     /// Resolves when the stop is requested.
     pub async fn wait(&mut self) {
         let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Requests the stop of a [`Shutdown::manual`].
+#[derive(Debug)]
+pub struct Trigger(watch::Sender<bool>);
+
+impl Trigger {
+    /// Requests the stop.
+    pub fn stop(&self) {
+        let _ = self.0.send(true);
     }
 }
 

@@ -129,11 +129,33 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         health.clone(),
         shutdown.clone(),
     ));
+    run_node(client, &args, metrics, health, shutdown).await
+}
 
+/// Runs one node's agent on `client` until `shutdown`, with no logging setup, no signal
+/// handlers and no HTTP endpoint (`args.listen` and `args.log_format` are ignored): for
+/// running many agents in one process, as the scale benchmark does.
+pub async fn run_embedded(
+    client: Client,
+    args: AgentArgs,
+    shutdown: Shutdown,
+) -> Result<(), AgentError> {
+    let metrics = Metrics::register(&mut Registry::default());
+    run_node(client, &args, metrics, Health::default(), shutdown).await
+}
+
+async fn run_node(
+    client: Client,
+    args: &AgentArgs,
+    metrics: Metrics,
+    health: Health,
+    shutdown: Shutdown,
+) -> Result<(), AgentError> {
     let changed = Arc::new(Notify::new());
     let removals = watch(
         crate::watch::tolerant::<ImageRemoval>(client.clone(), watcher::Config::default()),
         changed.clone(),
+        shutdown.clone(),
     );
     let nodes = watch(
         watcher(
@@ -141,6 +163,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
         ),
         changed.clone(),
+        shutdown.clone(),
     );
 
     let mut agent = Agent {
@@ -194,10 +217,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Starts a reflector over `events` whose every change pings `changed`.
+/// Starts a reflector over `events` whose every change pings `changed`; it ends at
+/// `shutdown`.
 fn watch<K>(
     events: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     changed: Arc<Notify>,
+    mut shutdown: Shutdown,
 ) -> Store<K>
 where
     K: Resource<DynamicType = ()>
@@ -214,7 +239,12 @@ where
         .default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.wait() => break,
+                event = stream.next() => event,
+            };
+            let Some(event) = event else { break };
             match event {
                 Ok(_) => changed.notify_one(),
                 Err(e) => tracing::warn!(
