@@ -338,9 +338,29 @@ pub fn expiry(status: &ImageRemovalStatus, ttl_seconds: Option<i64>, now: Timest
     Expiry::After(Duration::try_from(left).unwrap_or(Duration::ZERO))
 }
 
+/// Minimum time between two status writes of one removal: `base`, stretched by `per_node`
+/// for each node it targets. Every write reaches every agent's watch of ImageRemovals, so the
+/// watch traffic one write causes grows with the node count; stretching the interval with it
+/// keeps the traffic per second flat however large the cluster.
+pub fn write_interval(base: Duration, per_node: Duration, target_nodes: i32) -> Duration {
+    let nodes = u32::try_from(target_nodes).unwrap_or(0);
+    base.max(per_node.saturating_mul(nodes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_interval_grows_with_targets_from_the_base() {
+        let (base, per) = (Duration::from_secs(1), Duration::from_millis(5));
+        assert_eq!(write_interval(base, per, 0), base);
+        assert_eq!(write_interval(base, per, -3), base);
+        assert_eq!(write_interval(base, per, 200), base);
+        assert_eq!(write_interval(base, per, 1000), Duration::from_secs(5));
+        assert_eq!(write_interval(base, per, 5000), Duration::from_secs(25));
+        assert_eq!(write_interval(base, Duration::ZERO, 5000), base);
+    }
     use crate::api::{ImageRemovalSpec, ImageResult, NodeImageReportSpec, NodeImageReportStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
     use kube::api::ObjectMeta;

@@ -72,6 +72,11 @@ pub struct ControllerArgs {
     /// meanwhile are folded into the next write (e.g. `1s`, `500ms`).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub status_debounce: Duration,
+    /// Added to the minimum time between status writes per node the removal targets (each
+    /// write reaches every agent's watch, so big removals are written less often). A write
+    /// that finishes a removal is never held back (e.g. `5ms`).
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub status_debounce_per_node: Duration,
 }
 
 /// Parses `500ms`, `15s` or `2m`.
@@ -286,6 +291,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), ControllerError> {
         publisher,
         metrics: metrics.clone(),
         status_debounce: args.status_debounce,
+        status_debounce_per_node: args.status_debounce_per_node,
     };
     let outcome = tokio::select! {
         lost = keep_leading(&mut elector, args.lease_renew, args.lease_duration) => Err(lost),
@@ -368,6 +374,7 @@ struct Leader {
     publisher: Publisher,
     metrics: Metrics,
     status_debounce: Duration,
+    status_debounce_per_node: Duration,
 }
 
 /// What every reconcile shares.
@@ -383,6 +390,7 @@ struct Context {
     /// Consecutive failed reconciles per removal (by name): the backoff.
     failures: Mutex<HashMap<String, u32>>,
     status_debounce: Duration,
+    status_debounce_per_node: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -474,6 +482,7 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
         last_write: Mutex::default(),
         failures: Mutex::default(),
         status_debounce: leader.status_debounce,
+        status_debounce_per_node: leader.status_debounce_per_node,
     });
 
     // Rate limiting is done per object in `reconcile_one`; the scheduler's own debounce
@@ -608,7 +617,14 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
     );
 
     if removal.status.as_ref() != Some(&status) {
-        if let Some(wait) = ctx.write_wait(&uid) {
+        let interval = fold::write_interval(
+            ctx.status_debounce,
+            ctx.status_debounce_per_node,
+            status.target_nodes,
+        );
+        if fold::terminal(&status).is_none()
+            && let Some(wait) = ctx.write_wait(&uid, interval)
+        {
             return Ok(Action::requeue(wait));
         }
         let api = Api::<ImageRemoval>::all(ctx.client.clone());
@@ -673,12 +689,17 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
 }
 
 impl Context {
-    /// How long to wait before this removal's status may be written again, if at all.
-    fn write_wait(&self, uid: &str) -> Option<Duration> {
+    /// How long to wait before this removal's status may be written again, if at all, when
+    /// writes must be `interval` apart.
+    fn write_wait(&self, uid: &str, interval: Duration) -> Option<Duration> {
         let mut last = lock(&self.last_write);
-        last.retain(|_, at| at.elapsed() < self.status_debounce);
-        last.get(uid)
-            .map(|at| self.status_debounce.saturating_sub(at.elapsed()))
+        let wait = last
+            .get(uid)
+            .map(|at| interval.saturating_sub(at.elapsed()))
+            .filter(|wait| !wait.is_zero());
+        // Forget writes older than any interval in use, so the map stays small.
+        last.retain(|_, at| at.elapsed() < interval.max(self.status_debounce));
+        wait
     }
 }
 
@@ -741,6 +762,7 @@ mod tests {
         assert_eq!(cli.args.lease_duration, Duration::from_secs(15));
         assert_eq!(cli.args.lease_renew, Duration::from_secs(5));
         assert_eq!(cli.args.status_debounce, Duration::from_secs(1));
+        assert_eq!(cli.args.status_debounce_per_node, Duration::from_millis(5));
     }
 
     #[test]
