@@ -3,5 +3,6 @@ pub mod inventory;
 pub mod manifest;
 pub mod plan;
 pub mod platform;
+pub mod prune;
 pub mod reference;
 pub mod resolve;
