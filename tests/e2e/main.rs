@@ -10,6 +10,7 @@ mod chart;
 mod cli;
 mod controller;
 mod faults;
+mod fuzz;
 mod operator;
 mod removal;
 mod security;
@@ -25,6 +26,7 @@ fn main() {
     trials.extend(cli::trials());
     trials.extend(controller::trials());
     trials.extend(faults::trials());
+    trials.extend(fuzz::trials());
     trials.extend(operator::trials());
     trials.extend(removal::trials());
     trials.extend(security::trials());
