@@ -569,6 +569,7 @@ async fn observe_imagegc(
     .map(Either::Removal);
     let mut events = futures::stream::select(reports.boxed(), removals.boxed());
     let mut done: HashMap<String, Duration> = HashMap::new();
+    let mut complete = None;
     while let Some(event) = events.next().await {
         seen.fetch_add(1, Ordering::Relaxed);
         match event {
@@ -586,22 +587,24 @@ async fn observe_imagegc(
             Either::Removal(r) => {
                 let r = r?;
                 let status = r.status.unwrap_or_default();
-                let complete = status
+                let is_complete = status
                     .conditions
                     .iter()
                     .any(|c| c.type_ == "Complete" && c.status == "True");
-                if complete && status.succeeded as usize == n {
-                    ensure!(
-                        done.len() == n,
-                        "Complete with {} of {n} reports seen",
-                        done.len()
-                    );
-                    return Ok(Observed {
-                        complete: Instant::now(),
-                        per_node: done.into_values().collect(),
-                    });
+                if is_complete && status.succeeded as usize == n {
+                    complete.get_or_insert_with(Instant::now);
                 }
             }
+        }
+        // The two streams are independent: the Complete status may arrive before this
+        // watch has delivered the last reports.
+        if let Some(complete) = complete
+            && done.len() == n
+        {
+            return Ok(Observed {
+                complete,
+                per_node: done.into_values().collect(),
+            });
         }
     }
     bail!("the watch ended")
