@@ -51,22 +51,7 @@ const TARGET_RATIO: f64 = 2.0;
 const SETTLE: Duration = Duration::from_millis(300);
 
 fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bench remove: cannot start tokio: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    // The bed lives inside `run`, so it is dropped (daemons stopped, directory removed) on every
-    // return path, errors included, before the final sweep.
-    let result = runtime.block_on(run());
-    drop(runtime);
-    testbed::process::cleanup_all();
+    let result = testbed::run_bench(run());
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {

@@ -75,20 +75,7 @@ const TARGET_LARGEST_OBJECT: usize = 64 * 1024;
 const TARGET_P99_AT_1000: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("bench scale: cannot start tokio: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(run());
-    drop(runtime);
-    testbed::process::cleanup_all();
+    let result = testbed::run_bench(run());
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
@@ -377,7 +364,7 @@ impl Bench {
             "images": [TAG],
             "nodeSelector": {"matchLabels": {SIM_LABEL: "true"}},
         });
-        let (observer, seen) = Observer::start(self.admin.clone(), mode, name.clone(), n);
+        let (observer, seen) = observe(self.admin.clone(), mode, name.clone(), n);
         let created = Instant::now();
         match mode {
             Mode::Imagegc => {
@@ -416,7 +403,7 @@ impl Bench {
             mode,
             start_secs,
             complete: observed.complete.duration_since(created),
-            p50: percentile(&per_node, 0.5).saturating_sub(Duration::ZERO),
+            p50: percentile(&per_node, 0.5),
             p99: percentile(&per_node, 0.99),
             delta,
             bench_events,
@@ -524,28 +511,24 @@ struct Observed {
     per_node: Vec<Duration>,
 }
 
-/// The bench's own watch of one run: NodeImageReports and the ImageRemoval (imagegc mode), or
-/// the NaiveRemoval. Counts the events it receives, so they can be told apart from the
-/// agents' and the controller's.
-struct Observer;
-
-impl Observer {
-    fn start(
-        admin: Client,
-        mode: Mode,
-        name: String,
-        n: usize,
-    ) -> (tokio::task::JoinHandle<Result<Observed>>, Arc<AtomicU64>) {
-        let seen = Arc::new(AtomicU64::new(0));
-        let counter = seen.clone();
-        let task = tokio::spawn(async move {
-            match mode {
-                Mode::Imagegc => observe_imagegc(admin, &name, n, counter).await,
-                Mode::Naive => observe_naive(admin, &name, n, counter).await,
-            }
-        });
-        (task, seen)
-    }
+/// Starts the bench's own watch of one run: NodeImageReports and the ImageRemoval (imagegc
+/// mode), or the NaiveRemoval. Returns it and the count of events it receives, so they can be
+/// told apart from the agents' and the controller's.
+fn observe(
+    admin: Client,
+    mode: Mode,
+    name: String,
+    n: usize,
+) -> (tokio::task::JoinHandle<Result<Observed>>, Arc<AtomicU64>) {
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    let task = tokio::spawn(async move {
+        match mode {
+            Mode::Imagegc => observe_imagegc(admin, &name, n, counter).await,
+            Mode::Naive => observe_naive(admin, &name, n, counter).await,
+        }
+    });
+    (task, seen)
 }
 
 async fn observe_imagegc(
@@ -1126,24 +1109,11 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Polls `f` every 250 ms until it returns `Some`, for up to [`PHASE_TIMEOUT`].
-async fn wait_until<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+/// Polls `f` until it returns `Some`, for up to [`PHASE_TIMEOUT`].
+async fn wait_until<T, F, Fut>(what: &str, f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
-    let deadline = Instant::now() + PHASE_TIMEOUT;
-    let mut last = String::new();
-    loop {
-        match f().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "timed out waiting for {what} {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    testbed::wait_for(what, PHASE_TIMEOUT, f).await
 }

@@ -14,7 +14,10 @@ pub mod image;
 pub mod process;
 pub mod tools;
 
-use anyhow::Result;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
 
 pub use cluster::Cluster;
 pub use containerd::{Containerd, Flavor};
@@ -87,4 +90,40 @@ impl TestBed {
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("this test bed was started without a cluster"))
     }
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout` with `what` and
+/// the last error `f` returned.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs a benchmark's `main` future on a 2-thread runtime, then stops whatever the bed left
+/// running. The bed must live inside `run`, so it is dropped (daemons stopped, directory
+/// removed) on every return path before the final sweep.
+pub fn run_bench<T>(run: impl Future<Output = Result<T>>) -> Result<T> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run);
+    drop(runtime);
+    process::cleanup_all();
+    result
 }

@@ -71,26 +71,7 @@ pub async fn install(bed: &TestBed) -> Result<()> {
     Ok(())
 }
 
-/// Polls `f` until it returns `Some`, or fails after `timeout` with `what` and the last error.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match f().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = format!("{e:#}"),
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what} {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+pub use testbed::wait_for;
 
 /// The running operator on a fresh bed.
 pub struct Operator {
