@@ -1,6 +1,7 @@
 //! `imagegc agent`: one per node (a DaemonSet). Watches ImageRemovals and its own Node,
 //! executes the removals that target the node with the core engine, and server-side-applies
-//! the node's NodeImageReport — the only object it writes.
+//! the node's NodeImageReport — the only object it writes. On containerd it also keeps each
+//! image's first-seen and last-used labels (`core::last_used`) at every inventory pass.
 //!
 //! Idempotent: a removal is executed once per UID and generation; the report records which,
 //! so a restarted agent skips what is done and finishes what an interruption left (the
@@ -31,6 +32,7 @@ use crate::api::{
 };
 use crate::containerd::{self, Runtime, RuntimeError};
 use crate::core::inventory::Inventory;
+use crate::core::last_used;
 use crate::core::plan::{self, Request};
 use crate::core::platform::{Matcher, Platform};
 use crate::events::{Publisher, Severity};
@@ -45,6 +47,8 @@ const EVENT_CONTROLLER: &str = "imagegc.dev/agent";
 /// First retry delay after a containerd error; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// An image in constant use has its last-used label rewritten at most this often (seconds).
+const LAST_USED_REFRESH: i64 = 3600;
 
 /// Flags of `imagegc agent`.
 #[derive(Clone, Debug, clap::Args)]
@@ -501,6 +505,7 @@ impl Agent {
     async fn read_inventory(&mut self) -> Result<InventorySummary, RuntimeError> {
         let inv = self.inventory().await?;
         let rt = self.runtime().await?;
+        self.stamp_first_seen_and_last_used(&rt, &inv).await?;
         let sizes = rt.content_sizes().await?;
         let summary = InventorySummary {
             images: inv.images.len() as i32,
@@ -514,6 +519,40 @@ impl Agent {
         };
         self.metrics.inventory(&summary);
         Ok(summary)
+    }
+
+    /// Labels the records of new images with when they were first seen, and those of images
+    /// in use with when they were last used (see `core::last_used`).
+    async fn stamp_first_seen_and_last_used(
+        &self,
+        rt: &Runtime,
+        inv: &Inventory,
+    ) -> Result<(), RuntimeError> {
+        let records = rt.list_images().await?;
+        let stamps = last_used::stamps(
+            inv,
+            &records,
+            Timestamp::now().as_second(),
+            LAST_USED_REFRESH,
+        );
+        if stamps.is_empty() {
+            return Ok(());
+        }
+        let by_name: HashMap<&str, _> = records.iter().map(|r| (r.name.as_str(), r)).collect();
+        for stamp in &stamps {
+            let Some(record) = by_name.get(stamp.record.as_str()) else {
+                continue;
+            };
+            if let Err(e) = rt.label_record(record, stamp.key, &stamp.value).await {
+                // Deleted meanwhile (kubelet's GC, a removal): the next pass sees the truth.
+                tracing::debug!(record = %stamp.record, error = %e, "labelling a record failed");
+            }
+        }
+        tracing::debug!(
+            labels = stamps.len(),
+            "first-seen and last-used labels written"
+        );
+        Ok(())
     }
 
     /// Plans and (unless a dry run) executes one removal on this node.

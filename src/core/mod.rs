@@ -1,5 +1,6 @@
 //! The pure core: plain data in, plain data out. Nothing here touches a socket.
 pub mod inventory;
+pub mod last_used;
 pub mod manifest;
 pub mod plan;
 pub mod platform;

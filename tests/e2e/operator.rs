@@ -43,6 +43,10 @@ pub fn trials() -> Vec<Trial> {
             agent_killed_mid_removal_finishes,
         ),
         trial(
+            "operator::first_seen_and_last_used_survive_restarts",
+            first_seen_and_last_used_survive_restarts,
+        ),
+        trial(
             "operator::agent_cannot_write_another_nodes_report",
             agent_cannot_write_another_nodes_report,
         ),
@@ -453,6 +457,97 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The agent labels every image's records with when it first saw it, and the records of an
+/// image a container uses with when it last saw it used; the labels live on containerd's
+/// records, so a restarted agent keeps them (it neither resets first-seen nor rewrites a fresh
+/// last-used).
+async fn first_seen_and_last_used_survive_restarts() -> Result<()> {
+    use imagegc::core::last_used::{FIRST_SEEN_LABEL, LAST_USED_LABEL};
+
+    let mut op = Operator::start(&[&[("pool", "a")]]).await?;
+    op.stop_agent(0);
+    let socket = op.socket(0);
+    let used = ImageBuilder::new("lu-used").build();
+    let idle = ImageBuilder::new("lu-idle").build();
+    import(&socket, &used, &["docker.io/library/luused:1"]).await?;
+    import(
+        &socket,
+        &idle,
+        &["docker.io/library/luidle:1", "docker.io/library/luidle:2"],
+    )
+    .await?;
+    image::create_container(&socket, NS, "lu", "docker.io/library/luused:1", None).await?;
+    let before = now_seconds();
+    op.start_agent(0)?;
+
+    // Labels of the records whose names start with `prefix`, per record.
+    let labels = |prefix: &'static str| {
+        let socket = socket.clone();
+        async move {
+            let rt = imagegc::containerd::Runtime::connect(&socket, NS).await?;
+            Ok::<_, anyhow::Error>(
+                rt.list_images()
+                    .await?
+                    .into_iter()
+                    .filter(|r| r.name.starts_with(prefix))
+                    .map(|r| {
+                        let get = |k: &str| r.labels.get(k).and_then(|v| v.parse::<i64>().ok());
+                        (
+                            r.name.clone(),
+                            (get(FIRST_SEEN_LABEL), get(LAST_USED_LABEL)),
+                        )
+                    })
+                    .collect::<BTreeMap<_, _>>(),
+            )
+        }
+    };
+    let stamped = wait_for("first-seen labels on every record", CONVERGE, || async {
+        let used = labels("docker.io/library/luused").await?;
+        let idle = labels("docker.io/library/luidle").await?;
+        let all_seen = used.values().chain(idle.values()).all(|(f, _)| f.is_some());
+        Ok((all_seen && used.len() == 1 && idle.len() == 2).then_some((used, idle)))
+    })
+    .await?;
+    let after = now_seconds();
+    let (used_first, used_last) = stamped.0["docker.io/library/luused:1"];
+    let used_first = used_first.context("first-seen")?;
+    ensure!(
+        (before..=after).contains(&used_first),
+        "first-seen {used_first} outside [{before}, {after}]"
+    );
+    ensure!(
+        used_last.is_some_and(|at| (before..=after).contains(&at)),
+        "the image in use has last-used {used_last:?}, expected within [{before}, {after}]"
+    );
+    ensure!(
+        stamped.1.values().all(|(_, last)| last.is_none()),
+        "an image no container uses got a last-used: {:?}",
+        stamped.1
+    );
+
+    // A later agent keeps what the first one recorded.
+    op.stop_agent(0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    op.start_agent(0)?;
+    crate::support::wait_http_ok(op.agent_port(0), "/readyz").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        labels("docker.io/library/luused").await? == stamped.0
+            && labels("docker.io/library/luidle").await? == stamped.1,
+        "the labels changed across a restart: {:?} → {:?} / {:?}",
+        stamped,
+        labels("docker.io/library/luused").await?,
+        labels("docker.io/library/luidle").await?
+    );
+    Ok(())
+}
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 async fn records(op: &Operator, i: usize) -> Result<BTreeSet<String>> {
     image::image_names(&op.socket(i), NS).await
 }
@@ -779,6 +874,25 @@ async fn agent_cannot_write_another_nodes_report() -> Result<()> {
             "status": {"removals": []},
         }))
     };
+    // The API server loads admission policies asynchronously: wait until this one is in force
+    // (a write for a made-up node is refused), then check every case.
+    let (reports, params_ref, forged_ref) = (&reports_as_0, &params, &forged);
+    wait_for(
+        "the admission policy to be in force",
+        CONVERGE,
+        || async move {
+            Ok(
+                match reports
+                    .patch("node-9", params_ref, &forged_ref("node-9"))
+                    .await
+                {
+                    Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => Some(()),
+                    _ => None,
+                },
+            )
+        },
+    )
+    .await?;
     let wrote_own = reports_as_0
         .patch_status(&own, &params, &forged(&own))
         .await;
