@@ -13,6 +13,7 @@ pub mod report;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -170,6 +171,15 @@ async fn run_node(
         shutdown.clone(),
     );
 
+    let stamp_due = Arc::new(AtomicBool::new(false));
+    tokio::spawn(follow_container_creations(
+        args.socket.clone(),
+        args.namespace.clone(),
+        stamp_due.clone(),
+        changed.clone(),
+        shutdown.clone(),
+    ));
+
     let mut agent = Agent {
         reports: Api::all(client.clone()),
         events: Publisher::new(client, EVENT_CONTROLLER, &args.node_name),
@@ -187,6 +197,7 @@ async fn run_node(
         retries: HashMap::new(),
         warned_node_missing: false,
         containerd_ok: true,
+        stamp_due,
         metrics,
         health,
     };
@@ -219,6 +230,53 @@ async fn run_node(
     }
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// Follows containerd's container creations in `namespace` until `shutdown`: each one sets
+/// `stamp_due` and pings `changed`, so the image's last-used label is written within moments,
+/// not at the next inventory pass. Reconnects with backoff when containerd goes away.
+async fn follow_container_creations(
+    socket: std::path::PathBuf,
+    namespace: String,
+    stamp_due: Arc<AtomicBool>,
+    changed: Arc<Notify>,
+    mut shutdown: Shutdown,
+) {
+    let mut attempt = 0;
+    while !shutdown.requested() {
+        let subscribed = async {
+            let rt = Runtime::connect(&socket, &namespace).await?;
+            rt.container_creations().await
+        }
+        .await;
+        match subscribed {
+            Ok(events) => {
+                attempt = 0;
+                let mut events = std::pin::pin!(events);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.wait() => return,
+                        event = events.next() => match event {
+                            Some(()) => {
+                                stamp_due.store(true, Ordering::SeqCst);
+                                changed.notify_one();
+                            }
+                            None => break,
+                        },
+                    }
+                }
+                tracing::debug!("container event stream ended; subscribing again");
+            }
+            Err(e) => {
+                attempt += 1;
+                tracing::debug!(error = %e, "cannot follow container events yet");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tokio::time::sleep(backoff(attempt.max(1))) => {}
+        }
+    }
 }
 
 /// Starts a reflector over `events` whose every change pings `changed`; it ends at
@@ -289,6 +347,8 @@ struct Agent {
     warned_node_missing: bool,
     /// Whether the last containerd call succeeded (logs only the transitions).
     containerd_ok: bool,
+    /// Set when a container was created: its image's last-used label is due.
+    stamp_due: Arc<AtomicBool>,
     metrics: Metrics,
     health: Health,
 }
@@ -432,6 +492,14 @@ impl Agent {
             changed = true;
         }
 
+        if self.stamp_due.swap(false, Ordering::SeqCst) && Instant::now() < self.inventory_due {
+            // A container was created: label its image used now; the report waits for the
+            // next pass (container churn must not turn into API writes).
+            if let Err(e) = self.stamp_only().await {
+                tracing::debug!(error = %e, "labelling images after a container creation failed");
+            }
+        }
+
         if Instant::now() >= self.inventory_due {
             self.inventory_due = Instant::now() + self.inventory_interval;
             match self.read_inventory().await {
@@ -519,6 +587,13 @@ impl Agent {
         };
         self.metrics.inventory(&summary);
         Ok(summary)
+    }
+
+    /// The labelling of [`Agent::stamp_first_seen_and_last_used`] alone, on a fresh inventory.
+    async fn stamp_only(&mut self) -> Result<(), RuntimeError> {
+        let inv = self.inventory().await?;
+        let rt = self.runtime().await?;
+        self.stamp_first_seen_and_last_used(&rt, &inv).await
     }
 
     /// Labels the records of new images with when they were first seen, and those of images

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::{
     DeleteImageRequest, GetImageRequest, Image, ListContainersRequest, ListContentRequest,
-    ListImagesRequest, ReadContentRequest, UpdateImageRequest, containers_client::ContainersClient,
-    content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
+    ListImagesRequest, ReadContentRequest, SubscribeRequest, UpdateImageRequest,
+    containers_client::ContainersClient, content_client::ContentClient,
+    events_client::EventsClient, images_client::ImagesClient, leases_client::LeasesClient,
 };
 use containerd_client::tonic::{
     Code, Request, Status, metadata::MetadataValue, transport::Channel,
@@ -167,6 +168,28 @@ impl Runtime {
         r.metadata_mut()
             .insert("containerd-namespace", self.namespace.clone());
         r
+    }
+
+    /// containerd's `/containers/create` events of this namespace: the stream yields once per
+    /// container created and ends when the connection breaks.
+    pub async fn container_creations(
+        &self,
+    ) -> Result<impl futures::Stream<Item = ()> + use<>, RuntimeError> {
+        use futures::StreamExt;
+        let events = EventsClient::new(self.channel.clone())
+            .subscribe(SubscribeRequest {
+                filters: vec![r#"topic=="/containers/create""#.to_string()],
+            })
+            .await
+            .map_err(call_err("subscribe to container events"))?
+            .into_inner();
+        let namespace = self.namespace.clone();
+        Ok(events
+            .take_while(|e| futures::future::ready(e.is_ok()))
+            .filter_map(move |e| {
+                let ours = e.is_ok_and(|e| e.namespace == namespace);
+                futures::future::ready(ours.then_some(()))
+            }))
     }
 
     /// Every image record in the namespace.

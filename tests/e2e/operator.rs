@@ -460,7 +460,8 @@ fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
 /// The agent labels every image's records with when it first saw it, and the records of an
 /// image a container uses with when it last saw it used; the labels live on containerd's
 /// records, so a restarted agent keeps them (it neither resets first-seen nor rewrites a fresh
-/// last-used).
+/// last-used); a container created later marks its image used at once, through containerd's
+/// events.
 async fn first_seen_and_last_used_survive_restarts() -> Result<()> {
     use imagegc::core::last_used::{FIRST_SEEN_LABEL, LAST_USED_LABEL};
 
@@ -538,6 +539,32 @@ async fn first_seen_and_last_used_survive_restarts() -> Result<()> {
         stamped,
         labels("docker.io/library/luused").await?,
         labels("docker.io/library/luidle").await?
+    );
+
+    // A container created now marks its image used within moments (containerd's events), not
+    // at the next inventory pass (5 minutes away).
+    let before = now_seconds();
+    image::create_container(&socket, NS, "lu2", "docker.io/library/luidle:1", None).await?;
+    let idle = wait_for(
+        "last-used from the container event",
+        Duration::from_secs(15),
+        || async {
+            let idle = labels("docker.io/library/luidle").await?;
+            Ok(idle
+                .values()
+                .all(|(_, last)| last.is_some())
+                .then_some(idle))
+        },
+    )
+    .await
+    .with_context(|| op.agent_log(0))?;
+    ensure!(
+        idle.values().all(
+            |(first, last)| *first == stamped.1.values().next().and_then(|v| v.0)
+                && last.is_some_and(|at| at >= before)
+        ),
+        "after the container event: {idle:?} (before: {:?})",
+        stamped.1
     );
     Ok(())
 }
