@@ -1,15 +1,18 @@
 //! The local commands an operator runs at a node's shell: `imagegc images` and `imagegc rmi`.
 //! They use the same engine as the agent, so what they print is what the agent would do.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use crate::containerd::{self, Runtime, RuntimeError};
-use crate::core::inventory::Inventory;
+use crate::core::inventory::{CriImage, ImageRecord, Inventory};
+use crate::core::last_used::{self, Seen};
 use crate::core::plan::{self, Outcome, Request};
 use crate::core::platform::{Matcher, Platform};
+use crate::core::prune::human_duration;
 
 /// Where to find containerd.
 #[derive(Clone, Debug, clap::Args)]
@@ -48,6 +51,18 @@ struct ImageRow<'a> {
     pinned: bool,
     in_use: bool,
     used_by: &'a [String],
+    /// Unix seconds, from the agent's `imagegc.dev/first-seen` label.
+    first_seen: Option<i64>,
+    /// Unix seconds, from the agent's `imagegc.dev/last-used` label.
+    last_used: Option<i64>,
+}
+
+/// The LAST USED cell: how long ago, "-" without a record.
+fn last_used_cell(seen: Seen, now: i64) -> String {
+    match seen.last_used {
+        Some(at) => format!("{} ago", human_duration((now - at).max(0))),
+        None => "-".into(),
+    }
 }
 
 /// Human-readable bytes (binary units).
@@ -66,8 +81,18 @@ pub fn human_bytes(n: i64) -> String {
     }
 }
 
-/// Renders an inventory as `imagegc images` prints it.
-pub fn render_images(inv: &Inventory, format: Format, out: &mut impl Write) -> std::io::Result<()> {
+/// Renders an inventory as `imagegc images` prints it; `records` supply the agent's
+/// first-seen and last-used labels, `now` (Unix seconds) the ages.
+pub fn render_images(
+    inv: &Inventory,
+    records: &[ImageRecord],
+    now: i64,
+    format: Format,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    let by_name: BTreeMap<&str, &ImageRecord> =
+        records.iter().map(|r| (r.name.as_str(), r)).collect();
+    let seen_of = |i: &CriImage| last_used::seen(&i.references, &by_name);
     match format {
         Format::Json => {
             let rows: Vec<ImageRow<'_>> = inv
@@ -80,6 +105,8 @@ pub fn render_images(inv: &Inventory, format: Format, out: &mut impl Write) -> s
                     pinned: i.pinned,
                     in_use: !i.used_by.is_empty(),
                     used_by: &i.used_by,
+                    first_seen: seen_of(i).first_seen,
+                    last_used: seen_of(i).last_used,
                 })
                 .collect();
             serde_json::to_writer_pretty(&mut *out, &rows)?;
@@ -88,8 +115,8 @@ pub fn render_images(inv: &Inventory, format: Format, out: &mut impl Write) -> s
         Format::Table => {
             writeln!(
                 out,
-                "{:<14} {:>9}  {:<6}  {:<6}  REFERENCES",
-                "IMAGE ID", "SIZE", "PINNED", "IN USE"
+                "{:<14} {:>9}  {:<6}  {:<6}  {:<12}  REFERENCES",
+                "IMAGE ID", "SIZE", "PINNED", "IN USE", "LAST USED"
             )?;
             for i in inv.images.values() {
                 let short = i.id.trim_start_matches("sha256:");
@@ -101,11 +128,12 @@ pub fn render_images(inv: &Inventory, format: Format, out: &mut impl Write) -> s
                     .collect();
                 writeln!(
                     out,
-                    "{:<14} {:>9}  {:<6}  {:<6}  {}",
+                    "{:<14} {:>9}  {:<6}  {:<6}  {:<12}  {}",
                     &short[..short.len().min(13)],
                     human_bytes(i.size),
                     if i.pinned { "yes" } else { "no" },
                     if i.used_by.is_empty() { "no" } else { "yes" },
+                    last_used_cell(seen_of(i), now),
                     if refs.is_empty() {
                         "<none>".to_string()
                     } else {
@@ -131,7 +159,9 @@ pub async fn images(target: &Target, format: Format, out: &mut impl Write) -> Re
         )?;
         return Ok(());
     }
-    render_images(&inv, format, out)?;
+    let records = rt.list_images().await?;
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    render_images(&inv, &records, now, format, out)?;
     Ok(())
 }
 
@@ -208,4 +238,52 @@ pub enum CliError {
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::last_used::LAST_USED_LABEL;
+
+    #[test]
+    fn images_table_shows_when_each_image_was_last_used() {
+        let mut inv = Inventory::default();
+        for (id, name) in [("sha256:aaaa", "x:1"), ("sha256:bbbb", "y:1")] {
+            inv.images.insert(
+                id.into(),
+                CriImage {
+                    id: id.into(),
+                    references: vec![name.into()],
+                    size: 2048,
+                    pinned: false,
+                    used_by: vec![],
+                    content: Default::default(),
+                },
+            );
+        }
+        let records = [ImageRecord {
+            name: "x:1".into(),
+            target: Default::default(),
+            labels: [(LAST_USED_LABEL.to_string(), "1000".to_string())].into(),
+        }];
+        let mut table = Vec::new();
+        render_images(&inv, &records, 1000 + 7_200 + 60, Format::Table, &mut table).unwrap();
+        let table = String::from_utf8(table).unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("LAST USED"), "{table}");
+        assert!(
+            lines[1].contains("2h 1m ago") && lines[1].ends_with("x:1"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains(" - ") && lines[2].ends_with("y:1"),
+            "{table}"
+        );
+
+        let mut json = Vec::new();
+        render_images(&inv, &records, 5000, Format::Json, &mut json).unwrap();
+        let rows: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(rows[0]["last_used"], 1000);
+        assert_eq!(rows[1]["last_used"], serde_json::Value::Null);
+    }
 }
