@@ -149,7 +149,7 @@ pub fn render_images(
 /// `imagegc images`.
 pub async fn images(target: &Target, format: Format, out: &mut impl Write) -> Result<(), CliError> {
     let rt = Runtime::connect(&target.socket, &target.namespace).await?;
-    let inv = rt.inventory(&target.matcher()).await?;
+    let (inv, records) = rt.inventory_and_records(&target.matcher()).await?;
     if inv.images.is_empty() && matches!(format, Format::Table) {
         writeln!(
             out,
@@ -159,7 +159,6 @@ pub async fn images(target: &Target, format: Format, out: &mut impl Write) -> Re
         )?;
         return Ok(());
     }
-    let records = rt.list_images().await?;
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
     render_images(&inv, &records, now, format, out)?;
     Ok(())

@@ -32,7 +32,7 @@ use crate::api::{
     RemovalResult,
 };
 use crate::containerd::{self, Runtime, RuntimeError};
-use crate::core::inventory::Inventory;
+use crate::core::inventory::{ImageRecord, Inventory};
 use crate::core::last_used;
 use crate::core::plan::{self, Request};
 use crate::core::platform::{Matcher, Platform};
@@ -542,11 +542,12 @@ impl Agent {
         Ok(rt)
     }
 
-    /// Reads the node's images; a failure marks the agent not ready.
-    async fn inventory(&mut self) -> Result<Inventory, RuntimeError> {
+    /// Reads the node's images (and the records they were built from); a failure marks the
+    /// agent not ready.
+    async fn inventory(&mut self) -> Result<(Inventory, Vec<ImageRecord>), RuntimeError> {
         let result = async {
             let rt = self.runtime().await?;
-            rt.inventory(&self.matcher).await
+            rt.inventory_and_records(&self.matcher).await
         }
         .await;
         let ok = result.is_ok();
@@ -571,9 +572,10 @@ impl Agent {
     }
 
     async fn read_inventory(&mut self) -> Result<InventorySummary, RuntimeError> {
-        let inv = self.inventory().await?;
+        let (inv, records) = self.inventory().await?;
         let rt = self.runtime().await?;
-        self.stamp_first_seen_and_last_used(&rt, &inv).await?;
+        self.stamp_first_seen_and_last_used(&rt, &inv, &records)
+            .await;
         let sizes = rt.content_sizes().await?;
         let summary = InventorySummary {
             images: inv.images.len() as i32,
@@ -591,9 +593,11 @@ impl Agent {
 
     /// The labelling of [`Agent::stamp_first_seen_and_last_used`] alone, on a fresh inventory.
     async fn stamp_only(&mut self) -> Result<(), RuntimeError> {
-        let inv = self.inventory().await?;
+        let (inv, records) = self.inventory().await?;
         let rt = self.runtime().await?;
-        self.stamp_first_seen_and_last_used(&rt, &inv).await
+        self.stamp_first_seen_and_last_used(&rt, &inv, &records)
+            .await;
+        Ok(())
     }
 
     /// Labels the records of new images with when they were first seen, and those of images
@@ -602,16 +606,16 @@ impl Agent {
         &self,
         rt: &Runtime,
         inv: &Inventory,
-    ) -> Result<(), RuntimeError> {
-        let records = rt.list_images().await?;
+        records: &[ImageRecord],
+    ) {
         let stamps = last_used::stamps(
             inv,
-            &records,
+            records,
             Timestamp::now().as_second(),
             LAST_USED_REFRESH,
         );
         if stamps.is_empty() {
-            return Ok(());
+            return;
         }
         let by_name: HashMap<&str, _> = records.iter().map(|r| (r.name.as_str(), r)).collect();
         for stamp in &stamps {
@@ -627,7 +631,6 @@ impl Agent {
             labels = stamps.len(),
             "first-seen and last-used labels written"
         );
-        Ok(())
     }
 
     /// Plans and (unless a dry run) executes one removal on this node.
@@ -648,7 +651,7 @@ impl Agent {
             ));
         }
         let started = Instant::now();
-        let inv = self.inventory().await?;
+        let (inv, _) = self.inventory().await?;
         let plan = plan::plan(
             &Request {
                 images: spec.images.clone(),

@@ -270,6 +270,15 @@ impl Runtime {
     /// Blobs are read level by level (indexes, then manifests, then configs) for all records
     /// at once, [`READ_CONCURRENCY`] reads in flight, each distinct blob once.
     pub async fn inventory(&self, matcher: &Matcher) -> Result<Inventory, RuntimeError> {
+        Ok(self.inventory_and_records(matcher).await?.0)
+    }
+
+    /// [`Runtime::inventory`], and the image records it was built from (their labels are not
+    /// part of the CRI view), from one listing.
+    pub async fn inventory_and_records(
+        &self,
+        matcher: &Matcher,
+    ) -> Result<(Inventory, Vec<ImageRecord>), RuntimeError> {
         let (records, containers) = tokio::try_join!(self.list_images(), self.list_containers())?;
         let mut blobs: HashMap<String, Vec<u8>> = HashMap::new();
         let mut missing: BTreeSet<String> = BTreeSet::new();
@@ -311,7 +320,8 @@ impl Runtime {
             }
             open = still_open;
         }
-        Ok(Inventory::build(&records, &selections, &containers))
+        let inventory = Inventory::build(&records, &selections, &containers);
+        Ok((inventory, records))
     }
 
     /// Sets `key=value` on the image record `name` (other labels are kept). A record that is
