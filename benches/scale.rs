@@ -306,6 +306,11 @@ impl Bench {
                         listen: "127.0.0.1:0".parse()?,
                         inventory_interval_seconds: Duration::from_secs(300),
                         log_format: LogFormat::Text,
+                        protect: Vec::new(),
+                        own_image: None,
+                        image_fs: node.socket.clone(),
+                        prune_max_jitter_seconds: 300,
+                        watermark_check_seconds: Duration::from_secs(30),
                     };
                     let (client, shutdown) = (node.client.clone(), shutdown.clone());
                     agents.spawn(async move {

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::api::{InventorySummary, RemovalPhase, RemovalResult};
+use crate::api::{InventorySummary, PolicyRun, RemovalPhase, RemovalResult, Trigger};
 use crate::containerd::RuntimeError;
 
 type Labels = Vec<(&'static str, String)>;
@@ -24,6 +24,9 @@ pub struct Metrics {
     inventory_images: Gauge,
     inventory_bytes: Gauge,
     removal_seconds: Histogram,
+    policy_runs: Family<Labels, Counter>,
+    policy_images: Family<Labels, Counter>,
+    image_fs_usage: Gauge,
 }
 
 impl Metrics {
@@ -40,6 +43,9 @@ impl Metrics {
             removal_seconds: Histogram::new([
                 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             ]),
+            policy_runs: Family::default(),
+            policy_images: Family::default(),
+            image_fs_usage: Gauge::default(),
         };
         registry.register(
             "removals",
@@ -84,7 +90,63 @@ impl Metrics {
             Unit::Seconds,
             m.removal_seconds.clone(),
         );
+        registry.register(
+            "policy_runs",
+            "ImagePrunePolicy runs on this node, by trigger and dry run",
+            m.policy_runs.clone(),
+        );
+        registry.register(
+            "policy_images",
+            "Images ImagePrunePolicy runs chose, by outcome (Removed; WouldRemove in dry runs; Kept when found in use or pinned at removal time)",
+            m.policy_images.clone(),
+        );
+        registry.register(
+            "image_fs_usage_percent",
+            "Usage of containerd's image filesystem, as the watermarks read it",
+            m.image_fs_usage.clone(),
+        );
         m
+    }
+
+    /// Counts one policy run.
+    pub fn policy_run(&self, run: &PolicyRun) {
+        let trigger = match run.trigger {
+            Trigger::Schedule => "Schedule",
+            Trigger::Watermark => "Watermark",
+        };
+        self.policy_runs
+            .get_or_create(&vec![
+                ("trigger", trigger.to_string()),
+                ("dry_run", run.dry_run.to_string()),
+            ])
+            .inc();
+        let (outcome, count) = if run.dry_run {
+            ("WouldRemove", run.chosen)
+        } else {
+            ("Removed", run.removed)
+        };
+        let kept = if run.dry_run {
+            0
+        } else {
+            run.chosen - run.removed
+        };
+        for (outcome, count) in [(outcome, count), ("Kept", kept)] {
+            if count > 0 {
+                self.policy_images
+                    .get_or_create(&vec![("outcome", outcome.to_string())])
+                    .inc_by(count as u64);
+            }
+        }
+        self.bytes_freed.inc_by(if run.dry_run {
+            0
+        } else {
+            run.bytes_freed.max(0) as u64
+        });
+    }
+
+    /// Sets the image filesystem's usage gauge.
+    pub fn image_fs_usage(&self, percent: i64) {
+        self.image_fs_usage.set(percent);
     }
 
     /// Counts one finished removal.

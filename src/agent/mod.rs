@@ -3,11 +3,15 @@
 //! the node's NodeImageReport — the only object it writes. On containerd it also keeps each
 //! image's first-seen and last-used labels (`core::last_used`) at every inventory pass.
 //!
+//! It also runs the ImagePrunePolicies that select the node (`policies`): at each policy's
+//! scheduled time plus this node's offset, or when the image filesystem crosses a watermark.
+//!
 //! Idempotent: a removal is executed once per UID and generation; the report records which,
 //! so a restarted agent skips what is done and finishes what an interruption left (the
 //! engine's plan resumes records marked pending).
 
 mod metrics;
+pub mod policies;
 pub mod report;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -28,14 +32,16 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 
 use crate::api::{
-    ImageRemoval, InventorySummary, NodeImageReport, NodeImageReportStatus, RemovalPhase,
-    RemovalResult,
+    ImagePrunePolicy, ImageRemoval, InventorySummary, NodeImageReport, NodeImageReportStatus,
+    PolicyRun, RemovalPhase, RemovalResult,
 };
 use crate::containerd::{self, Runtime, RuntimeError};
 use crate::core::inventory::{ImageRecord, Inventory};
 use crate::core::last_used;
 use crate::core::plan::{self, Request};
 use crate::core::platform::{Matcher, Platform};
+use crate::core::prune::Protections;
+use crate::core::reference;
 use crate::events::{Publisher, Severity};
 use crate::serve::{self, Health, LogFormat, Shutdown};
 use metrics::Metrics;
@@ -72,6 +78,45 @@ pub struct AgentArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// A glob over normalized references (`registry.k8s.io/pause:*`) that no policy may
+    /// remove; repeatable, or comma-separated in the environment variable.
+    #[arg(long = "protect", env = "IMAGEGC_PROTECT", value_delimiter = ',')]
+    pub protect: Vec<String>,
+    /// The agent's own image: every tag and digest of its repository is protected.
+    #[arg(long, env = "IMAGEGC_OWN_IMAGE")]
+    pub own_image: Option<String>,
+    /// A directory on containerd's image filesystem (its root): watermarks read the usage of
+    /// the filesystem holding it.
+    #[arg(long, env = "IMAGEGC_IMAGE_FS", default_value = "/var/lib/containerd")]
+    pub image_fs: std::path::PathBuf,
+    /// Scheduled policies run on this node at a fixed offset of up to this many seconds after
+    /// each scheduled time (at most half the time to the next one), so a fleet spreads out.
+    #[arg(long, default_value = "300")]
+    pub prune_max_jitter_seconds: u32,
+    /// How often the image filesystem's usage is compared with the watermarks.
+    #[arg(long, value_parser = parse_seconds, default_value = "30")]
+    pub watermark_check_seconds: Duration,
+}
+
+/// The protections of `args`: its globs, and its own image's repository.
+pub fn protections(args: &AgentArgs) -> Result<Protections, String> {
+    let mut exclude = args.protect.clone();
+    if let Some(own) = args.own_image.as_deref().filter(|s| !s.is_empty()) {
+        let name = reference::parse_normalized_named(own)
+            .map_err(|e| format!("--own-image {own:?}: {e}"))?
+            .name();
+        exclude.push(format!("{name}:*"));
+        exclude.push(format!("{name}@*"));
+    }
+    // Compiles the globs: a bad one stops the agent at start, not at the first run.
+    crate::core::prune::Selector::new(
+        &Default::default(),
+        &Protections {
+            exclude: exclude.clone(),
+        },
+    )
+    .map_err(|e| format!("--protect: {e}"))?;
+    Ok(Protections { exclude })
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -103,6 +148,9 @@ pub enum AgentError {
     /// Signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// Flags that cannot be used.
+    #[error("invalid flags: {0}")]
+    Flags(String),
     /// The Kubernetes API refused a write.
     #[error("writing NodeImageReport {node}: {source}")]
     Report {
@@ -156,7 +204,13 @@ async fn run_node(
     health: Health,
     shutdown: Shutdown,
 ) -> Result<(), AgentError> {
+    let protections = protections(args).map_err(AgentError::Flags)?;
     let changed = Arc::new(Notify::new());
+    let policies = watch(
+        crate::watch::tolerant::<ImagePrunePolicy>(client.clone(), watcher::Config::default()),
+        changed.clone(),
+        shutdown.clone(),
+    );
     let removals = watch(
         crate::watch::tolerant::<ImageRemoval>(client.clone(), watcher::Config::default()),
         changed.clone(),
@@ -198,6 +252,14 @@ async fn run_node(
         warned_node_missing: false,
         containerd_ok: true,
         stamp_due,
+        policy_entries: Vec::new(),
+        planned: HashMap::new(),
+        protections,
+        image_fs: args.image_fs.clone(),
+        image_fs_ok: true,
+        max_jitter: i64::from(args.prune_max_jitter_seconds),
+        watermark_check: args.watermark_check_seconds,
+        watermark_due: Instant::now(),
         metrics,
         health,
     };
@@ -211,13 +273,19 @@ async fn run_node(
     let mut stop = shutdown.clone();
     tokio::select! {
         _ = stop.wait() => return Ok(()),
-        _ = async { tokio::join!(removals.wait_until_ready(), nodes.wait_until_ready()) } => {}
+        _ = async {
+            tokio::join!(
+                removals.wait_until_ready(),
+                nodes.wait_until_ready(),
+                policies.wait_until_ready()
+            )
+        } => {}
     }
     tracing::info!("watches synced");
     agent.load_report().await;
 
     while !shutdown.requested() {
-        let next = agent.reconcile(&removals, &nodes).await;
+        let next = agent.reconcile(&removals, &nodes, &policies).await;
         let sleep = next.saturating_duration_since(Instant::now());
         tokio::select! {
             _ = stop.wait() => break,
@@ -349,6 +417,20 @@ struct Agent {
     containerd_ok: bool,
     /// Set when a container was created: its image's last-used label is due.
     stamp_due: Arc<AtomicBool>,
+    /// The report's policy entries as last written.
+    policy_entries: Vec<PolicyRun>,
+    /// When each scheduled policy (by UID) runs next on this node.
+    planned: HashMap<String, policies::Planned>,
+    /// What no policy may remove.
+    protections: Protections,
+    /// A directory on the image filesystem (watermarks).
+    image_fs: std::path::PathBuf,
+    /// Whether the last read of its usage worked (logs only the transitions).
+    image_fs_ok: bool,
+    /// Seconds a scheduled run may be offset on this node.
+    max_jitter: i64,
+    watermark_check: Duration,
+    watermark_due: Instant,
     metrics: Metrics,
     health: Health,
 }
@@ -361,6 +443,7 @@ impl Agent {
                 if let Some(status) = report.status {
                     self.entries = status.removals;
                     self.inventory = status.inventory;
+                    self.policy_entries = status.policies;
                 }
                 self.done.extend(self.entries.iter().map(|r| Key {
                     name: r.name.clone(),
@@ -380,7 +463,12 @@ impl Agent {
     /// One pass: execute what targets this node and is not done, drop entries of deleted
     /// removals, refresh the inventory when due. Returns when the next pass is due at the
     /// latest.
-    async fn reconcile(&mut self, removals: &Store<ImageRemoval>, nodes: &Store<Node>) -> Instant {
+    async fn reconcile(
+        &mut self,
+        removals: &Store<ImageRemoval>,
+        nodes: &Store<Node>,
+        policies: &Store<ImagePrunePolicy>,
+    ) -> Instant {
         let mut next = Instant::now() + self.inventory_interval;
         let Some(node) = nodes.state().into_iter().next() else {
             if !self.warned_node_missing {
@@ -489,6 +577,10 @@ impl Agent {
         let pruned = report::merge(&self.entries, None, &live);
         if pruned != self.entries {
             self.entries = pruned;
+            changed = true;
+        }
+
+        if self.evaluate_policies(policies, &labels, &mut next).await {
             changed = true;
         }
 
@@ -731,6 +823,7 @@ impl Agent {
         let status = NodeImageReportStatus {
             inventory: self.inventory.clone(),
             removals: self.entries.clone(),
+            policies: self.policy_entries.clone(),
             updated: Some(now()),
         };
         let patch = serde_json::json!({

@@ -1,16 +1,21 @@
 //! The Kubernetes API of imagegc (group `imagegc.dev`, version `v1alpha1`, all cluster-scoped).
 //! The CRDs in `crds/` are generated from these types by `imagegc crdgen`.
 
+mod image_prune_policy;
 mod image_removal;
 mod node_image_report;
 
+pub use image_prune_policy::{
+    ImagePrunePolicy, ImagePrunePolicySpec, ImagePrunePolicyStatus, MAX_GLOBS, WatermarkSpec,
+};
 pub use image_removal::{
     FailureSample, ImageRemoval, ImageRemovalSpec, ImageRemovalStatus, MAX_FAILURE_SAMPLES,
     MAX_IMAGES,
 };
 pub use node_image_report::{
-    ImageResult, InventorySummary, MAX_MESSAGE, MAX_REFERENCES, MAX_REMOVALS, NodeImageReport,
-    NodeImageReportSpec, NodeImageReportStatus, RemovalPhase, RemovalResult,
+    ImageResult, InventorySummary, MAX_MESSAGE, MAX_POLICIES, MAX_POLICY_IMAGES, MAX_REFERENCES,
+    MAX_REMOVALS, NodeImageReport, NodeImageReportSpec, NodeImageReportStatus, PolicyRun,
+    PrunedImage, RemovalPhase, RemovalResult, Trigger,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -26,9 +31,16 @@ pub const COMPLETE: &str = "Complete";
 /// Condition type: the removal finished, and at least one node failed.
 pub const FAILED: &str = "Failed";
 
+/// Condition type of an ImagePrunePolicy: its spec is valid and the agents evaluate it.
+pub const READY: &str = "Ready";
+
 /// Every CRD, in the order `imagegc crdgen` writes them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![ImageRemoval::crd(), NodeImageReport::crd()]
+    vec![
+        ImageRemoval::crd(),
+        ImagePrunePolicy::crd(),
+        NodeImageReport::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream (what `imagegc crdgen` prints).

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 pub const MAX_REMOVALS: usize = 20;
 /// At most this many references are listed per image result.
 pub const MAX_REFERENCES: usize = 8;
+/// At most this many policies are kept in a report.
+pub const MAX_POLICIES: usize = 20;
+/// At most this many images are listed per policy run (the counts cover them all).
+pub const MAX_POLICY_IMAGES: usize = 10;
 /// Messages are cut to this many bytes.
 pub const MAX_MESSAGE: usize = 256;
 
@@ -65,6 +69,10 @@ pub struct NodeImageReportStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub removals: Vec<RemovalResult>,
+    /// The latest run of each ImagePrunePolicy that selects this node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub policies: Vec<PolicyRun>,
     /// When the agent last wrote this report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated: Option<Time>,
@@ -139,4 +147,81 @@ pub struct ImageResult {
     /// Why, in words.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+}
+
+/// What triggered a policy run.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Trigger {
+    /// The policy's cron schedule.
+    #[default]
+    Schedule,
+    /// The image filesystem's usage reached the high watermark.
+    Watermark,
+}
+
+/// The latest run of one ImagePrunePolicy on this node, and its running totals.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRun {
+    /// The ImagePrunePolicy's name.
+    pub name: String,
+    /// Its UID.
+    pub uid: String,
+    /// The generation that ran.
+    pub generation: i64,
+    /// What started the run.
+    pub trigger: Trigger,
+    /// Whether it was a dry run (nothing was removed).
+    #[serde(default)]
+    pub dry_run: bool,
+    /// When the run finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<Time>,
+    /// When the schedule runs it next on this node (its jitter included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run: Option<Time>,
+    /// Images the run chose: removed or, in a dry run, that would be.
+    #[serde(default)]
+    pub chosen: i32,
+    /// Of those, images removed (0 in a dry run).
+    #[serde(default)]
+    pub removed: i32,
+    /// Content bytes the run freed (in a dry run: would free).
+    #[serde(default)]
+    pub bytes_freed: i64,
+    /// Image-filesystem usage when the run started, in percent (watermark runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_percent: Option<i32>,
+    /// Images removed by every run of this policy on this node.
+    #[serde(default)]
+    pub total_removed: i64,
+    /// Content bytes freed by every run of this policy on this node.
+    #[serde(default)]
+    pub total_bytes_freed: i64,
+    /// The first 10 images chosen, in removal order (least recently used first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<PrunedImage>,
+    /// What went wrong, if anything, in words.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// One image a policy run chose.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrunedImage {
+    /// The image ID.
+    pub id: String,
+    /// Its references, up to 8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<String>,
+    /// Its content size in bytes.
+    #[serde(default)]
+    pub size: i64,
+    /// `Removed`, `WouldRemove`, or why it was not removed after all (`InUse`, `Pinned`,
+    /// `NotPresent`).
+    pub outcome: String,
+    /// Why the policy chose it, in words.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }

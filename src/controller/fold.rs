@@ -105,7 +105,7 @@ pub fn fold<'a>(
             let message = invalid_selector_message(removal, &e.to_string());
             let conditions = vec![
                 condition(
-                    &current,
+                    &current.conditions,
                     COMPLETE,
                     false,
                     reason::INVALID_SELECTOR,
@@ -114,7 +114,7 @@ pub fn fold<'a>(
                     now,
                 ),
                 condition(
-                    &current,
+                    &current.conditions,
                     FAILED,
                     true,
                     reason::INVALID_SELECTOR,
@@ -180,7 +180,7 @@ pub fn fold<'a>(
     let (complete, failed) = conditions(&status, removal.spec.dry_run);
     status.conditions = vec![
         condition(
-            &current,
+            &current.conditions,
             COMPLETE,
             complete.0,
             complete.1,
@@ -189,7 +189,13 @@ pub fn fold<'a>(
             now,
         ),
         condition(
-            &current, FAILED, failed.0, failed.1, &failed.2, generation, now,
+            &current.conditions,
+            FAILED,
+            failed.0,
+            failed.1,
+            &failed.2,
+            generation,
+            now,
         ),
     ];
     if terminal(&status).is_some() {
@@ -279,8 +285,8 @@ fn conditions(
 }
 
 /// A condition whose `lastTransitionTime` is kept from `current` unless its status flips.
-fn condition(
-    current: &ImageRemovalStatus,
+pub(crate) fn condition(
+    current: &[Condition],
     type_: &str,
     is_true: bool,
     reason: &str,
@@ -290,7 +296,6 @@ fn condition(
 ) -> Condition {
     let status = if is_true { "True" } else { "False" };
     let last_transition_time = current
-        .conditions
         .iter()
         .find(|c| c.type_ == type_ && c.status == status)
         .map(|c| c.last_transition_time.clone())

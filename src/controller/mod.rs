@@ -1,13 +1,17 @@
 //! `imagegc controller`: folds every node's NodeImageReport into the status of each
-//! ImageRemoval, publishes an Event when a removal finishes, and deletes finished removals
-//! after their `ttlSecondsAfterFinished`. Leader-elected, so two replicas are safe.
+//! ImageRemoval and each ImagePrunePolicy, publishes an Event when a removal finishes or a
+//! policy is invalid, and deletes finished removals after their `ttlSecondsAfterFinished`.
+//! Leader-elected, so two replicas are safe.
 //!
 //! - [`fold`]: the pure aggregation (one removal, the Nodes, the reports → status).
+//! - [`policy_fold`]: the same for one policy; `policies` runs it.
 //! - [`lease`]: the leader election on a Lease.
 //! - this module: the thin shell — watches, the reconcile loop, status writes, metrics.
 
 pub mod fold;
 pub mod lease;
+mod policies;
+pub mod policy_fold;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future;
@@ -29,7 +33,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::api::{ImageRemoval, NodeImageReport};
+use crate::api::{ImagePrunePolicy, ImageRemoval, NodeImageReport};
 use crate::events::{Publisher, Severity};
 use crate::serve::{self, Health, LogFormat, Shutdown};
 use fold::{Expiry, Terminal};
@@ -187,6 +191,7 @@ pub struct Metrics {
     ttl_deletions: Counter,
     events: Counter,
     is_leader: Gauge,
+    policy_status_writes: Counter,
 }
 
 impl Metrics {
@@ -212,6 +217,11 @@ impl Metrics {
             "imagegc_controller_events",
             "Events published about finished ImageRemovals",
             m.events.clone(),
+        );
+        registry.register(
+            "imagegc_controller_policy_status_writes",
+            "ImagePrunePolicy status writes (only when the folded status changed)",
+            m.policy_status_writes.clone(),
         );
         registry.register(
             "imagegc_controller_is_leader",
@@ -407,7 +417,8 @@ impl Synced {
     const REMOVALS: u8 = 1;
     const NODES: u8 = 2;
     const REPORTS: u8 = 4;
-    const ALL: u8 = Self::REMOVALS | Self::NODES | Self::REPORTS;
+    const POLICIES: u8 = 8;
+    const ALL: u8 = Self::REMOVALS | Self::NODES | Self::REPORTS | Self::POLICIES;
 
     fn new() -> Synced {
         Synced(Arc::new(tokio::sync::watch::channel(0).0))
@@ -463,6 +474,51 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
         ),
         synced.clone(),
         Synced::REPORTS,
+    );
+    // Every policy, report and Node label change pings the policy loop.
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let report_changes = report_changes.inspect(ping(&changed));
+    let node_changes = node_changes.inspect(ping(&changed));
+    let (policies, policies_writer) = reflector::store::<ImagePrunePolicy>();
+    let policy_changes = changes(
+        reflector::reflector(
+            policies_writer,
+            crate::watch::tolerant::<ImagePrunePolicy>(client.clone(), watcher::Config::default())
+                .default_backoff(),
+        ),
+        synced.clone(),
+        Synced::POLICIES,
+    )
+    .inspect(ping(&changed));
+    {
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut policy_changes = std::pin::pin!(policy_changes);
+            loop {
+                tokio::select! {
+                    _ = stop.wait() => break,
+                    event = policy_changes.next() => match event {
+                        Some(Err(e)) => tracing::warn!(error = %e, "watching ImagePrunePolicies failed; retrying with backoff"),
+                        Some(Ok(_)) => {}
+                        None => break,
+                    },
+                }
+            }
+        });
+    }
+    tokio::spawn(
+        policies::PolicyLoop {
+            client: client.clone(),
+            publisher: leader.publisher.clone(),
+            metrics: leader.metrics.clone(),
+            synced: synced.clone(),
+            policies,
+            nodes: nodes.clone(),
+            reports: reports.clone(),
+            changed,
+            debounce: leader.status_debounce,
+        }
+        .run(shutdown.clone()),
     );
     {
         let synced = synced.clone();
@@ -554,6 +610,12 @@ fn only_label_changes(
         };
         future::ready(keep.then_some(event))
     })
+}
+
+/// A stream callback that pings `changed`.
+fn ping<T>(changed: &Arc<tokio::sync::Notify>) -> impl FnMut(&T) + use<T> {
+    let changed = changed.clone();
+    move |_| changed.notify_one()
 }
 
 fn removals_named_in(report: &NodeImageReport) -> Vec<ObjectRef<ImageRemoval>> {

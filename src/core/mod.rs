@@ -4,6 +4,8 @@ pub mod last_used;
 pub mod manifest;
 pub mod plan;
 pub mod platform;
+pub mod policy;
 pub mod prune;
 pub mod reference;
 pub mod resolve;
+pub mod schedule;

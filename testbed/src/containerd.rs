@@ -52,6 +52,8 @@ pub struct Containerd {
     pub root: PathBuf,
     dir: PathBuf,
     proc: Option<Proc>,
+    /// Whether `root` is a filesystem this bed mounted (unmounted when the daemon stops).
+    mounted: bool,
 }
 
 impl Containerd {
@@ -66,6 +68,7 @@ impl Containerd {
             root: dir.join("root"),
             dir,
             proc: None,
+            mounted: false,
         };
         c.restart()?;
         Ok(c)
@@ -174,6 +177,33 @@ state = "{d}/state"
         }
     }
 
+    /// Gives the daemon a root of its own, a tmpfs of `bytes` (a real, small filesystem whose
+    /// usage the images fill), and restarts it on it. What the old root held is hidden: call
+    /// this before importing anything. Unmounted when the daemon is dropped.
+    pub fn use_small_filesystem(&mut self, bytes: u64) -> Result<()> {
+        self.stop();
+        fs::create_dir_all(&self.root)?;
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&self.root)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "mounting a {bytes}-byte tmpfs on {} failed (this needs root): {}",
+                self.root.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        self.mounted = true;
+        self.restart()
+    }
+
     /// SIGKILLs the daemon (fault injection); [`Containerd::restart`] brings it back.
     pub fn kill_hard(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -196,5 +226,19 @@ state = "{d}/state"
     /// The daemon's log file.
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("containerd.log")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if self.mounted {
+            self.stop();
+            // Lazy: the bed's directory can then be removed even if something still holds
+            // a file open in it.
+            let _ = std::process::Command::new("umount")
+                .arg("--lazy")
+                .arg(&self.root)
+                .status();
+        }
     }
 }

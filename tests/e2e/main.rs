@@ -12,6 +12,7 @@ mod controller;
 mod faults;
 mod fuzz;
 mod operator;
+mod policy;
 mod removal;
 mod security;
 mod support;
@@ -28,6 +29,7 @@ fn main() {
     trials.extend(faults::trials());
     trials.extend(fuzz::trials());
     trials.extend(operator::trials());
+    trials.extend(policy::trials());
     trials.extend(removal::trials());
     trials.extend(security::trials());
     let conclusion = libtest_mimic::run(&args, trials);

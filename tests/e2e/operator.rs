@@ -86,6 +86,9 @@ pub struct Operator {
     controller: Option<Proc>,
     agent_kubeconfigs: Vec<PathBuf>,
     controller_kubeconfig: PathBuf,
+    /// Flags every agent gets after the harness's own (`--image-fs` is always its node's
+    /// containerd root).
+    pub agent_args: Vec<String>,
     /// A cluster-admin client.
     pub admin: Client,
     /// Every daemon.
@@ -128,6 +131,7 @@ impl Operator {
             controller: None,
             agent_kubeconfigs,
             controller_kubeconfig,
+            agent_args: Vec::new(),
             admin,
             bed,
         };
@@ -152,7 +156,7 @@ impl Operator {
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let node = self.node(i);
         self.agent_ports[i] = free_port()?;
-        let args = vec![
+        let mut args = vec![
             "agent".to_string(),
             "--node-name".into(),
             node.clone(),
@@ -160,7 +164,10 @@ impl Operator {
             self.socket(i).display().to_string(),
             "--listen".into(),
             format!("127.0.0.1:{}", self.agent_ports[i]),
+            "--image-fs".into(),
+            self.bed.nodes[i].root.display().to_string(),
         ];
+        args.extend(self.agent_args.iter().cloned());
         let envs = vec![
             (
                 "KUBECONFIG".to_string(),
@@ -569,7 +576,7 @@ async fn first_seen_and_last_used_survive_restarts() -> Result<()> {
     Ok(())
 }
 
-fn now_seconds() -> i64 {
+pub fn now_seconds() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

@@ -1,0 +1,134 @@
+//! The shell around [`super::policy_fold`]: folds every ImagePrunePolicy whenever a policy, a
+//! report or a Node's labels change (at most once per debounce interval), writes the status
+//! that changed, and publishes a Warning Event when a policy becomes invalid.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::Notify;
+
+use super::{FIELD_MANAGER, Metrics, RESYNC, Synced, policy_fold};
+use crate::api::{ImagePrunePolicy, ImagePrunePolicyStatus, NodeImageReport, READY};
+use crate::events::{Publisher, Severity};
+use crate::serve::Shutdown;
+
+/// What the policy loop reads and writes with.
+pub(super) struct PolicyLoop {
+    pub client: Client,
+    pub publisher: Publisher,
+    pub metrics: Metrics,
+    pub synced: Synced,
+    pub policies: Store<ImagePrunePolicy>,
+    pub nodes: Store<PartialObjectMeta<Node>>,
+    pub reports: Store<NodeImageReport>,
+    /// Pinged by every policy, report and Node label change.
+    pub changed: Arc<Notify>,
+    /// The least time between two passes.
+    pub debounce: Duration,
+}
+
+fn ready_status(status: Option<&ImagePrunePolicyStatus>) -> Option<String> {
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .map(|c| c.status.clone())
+}
+
+impl PolicyLoop {
+    /// Runs until `shutdown`.
+    pub(super) async fn run(self, mut shutdown: Shutdown) {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = self.synced.wait() => {}
+        }
+        loop {
+            self.pass().await;
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(RESYNC) => {}
+            }
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep(self.debounce) => {}
+            }
+        }
+    }
+
+    /// Folds every policy and writes the statuses that changed.
+    async fn pass(&self) {
+        let now = Timestamp::from_second(Timestamp::now().as_second())
+            .unwrap_or_else(|_| Timestamp::now());
+        let (nodes, reports) = (self.nodes.state(), self.reports.state());
+        let api = Api::<ImagePrunePolicy>::all(self.client.clone());
+        for policy in self.policies.state() {
+            if policy.meta().deletion_timestamp.is_some() {
+                continue;
+            }
+            let status = policy_fold::fold(
+                &policy,
+                nodes
+                    .iter()
+                    .map(|n| (n.metadata.name.as_deref().unwrap_or_default(), n.labels())),
+                reports.iter().map(|r| &**r),
+                now,
+            );
+            if policy.status.as_ref() == Some(&status) {
+                continue;
+            }
+            let name = policy.name_any();
+            let patch = serde_json::json!({
+                "apiVersion": ImagePrunePolicy::api_version(&()),
+                "kind": ImagePrunePolicy::kind(&()),
+                "status": status,
+            });
+            match api
+                .patch_status(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.metrics.policy_status_writes.inc();
+                    tracing::info!(
+                        policy = %name,
+                        targets = status.target_nodes,
+                        evaluated = status.nodes_evaluated,
+                        removed = status.images_removed,
+                        bytes_freed = status.bytes_freed,
+                        "policy status written"
+                    );
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => continue,
+                Err(e) => {
+                    tracing::warn!(policy = %name, error = %e, "writing the policy status failed; retrying at the next change");
+                    continue;
+                }
+            }
+            let before = ready_status(policy.status.as_ref());
+            if ready_status(Some(&status)).as_deref() == Some("False")
+                && before.as_deref() != Some("False")
+                && let Some(c) = status.conditions.iter().find(|c| c.type_ == READY)
+            {
+                self.publisher
+                    .publish(
+                        &*policy,
+                        Severity::Warning,
+                        &c.reason,
+                        "Validate",
+                        &c.message,
+                    )
+                    .await;
+                self.metrics.events.inc();
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! An ImagePrunePolicy's spec compiled into what a node evaluates: its schedule, its
+//! watermark and its selection (`core::prune`), with every error a user can make named in
+//! words; and a node's images as the policy's candidates. Pure: the controller uses
+//! [`compile`] to report an invalid policy, the agent to run a valid one.
+
+use std::collections::BTreeMap;
+
+use crate::api::ImagePrunePolicySpec;
+use crate::core::inventory::{ImageRecord, Inventory};
+use crate::core::last_used;
+use crate::core::prune::{self, Candidate, Protections, Selection, Selector, Watermark};
+use crate::core::schedule::{self, Schedule};
+
+/// Images removed per node per run when the policy sets no `maxImagesPerRun`: every chosen
+/// image is one batch with one garbage collection, and the report lists a bounded number.
+pub const DEFAULT_MAX_IMAGES_PER_RUN: u32 = 100;
+
+/// A policy ready to run.
+#[derive(Debug)]
+pub struct Compiled {
+    /// Its cron schedule.
+    pub schedule: Option<Schedule>,
+    /// Its watermark.
+    pub watermark: Option<Watermark>,
+    /// Its selection, with the agent's protections.
+    pub selector: Selector,
+    /// Report only.
+    pub dry_run: bool,
+}
+
+/// Compiles `spec` with the agent's `protections`. The error says what is wrong, in words
+/// (the API server's schema catches most mistakes; this catches the rest: cron syntax, glob
+/// syntax, watermark order for objects written before the schema did).
+pub fn compile(spec: &ImagePrunePolicySpec, protections: &Protections) -> Result<Compiled, String> {
+    if spec.schedule.is_none() && spec.watermark.is_none() {
+        return Err("the policy has neither a schedule nor a watermark, so it never runs".into());
+    }
+    let schedule = spec
+        .schedule
+        .as_deref()
+        .map(Schedule::parse)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let watermark = match &spec.watermark {
+        Some(w) => {
+            let wm = Watermark {
+                high_percent: w.high_percent,
+                low_percent: w.low_percent,
+            };
+            prune::validate_watermark(&wm).map_err(|e| e.to_string())?;
+            Some(wm)
+        }
+        None => None,
+    };
+    let duration = |field: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(schedule::parse_duration)
+            .transpose()
+            .map_err(|e| format!("{field}: {e}"))
+    };
+    let selection = Selection {
+        unused_for: duration("unusedFor", &spec.unused_for)?,
+        older_than: duration("olderThan", &spec.older_than)?,
+        include: spec.include.clone(),
+        exclude: spec.exclude.clone(),
+        keep_newest: spec.keep_newest,
+        max_images: Some(
+            spec.max_images_per_run
+                .unwrap_or(DEFAULT_MAX_IMAGES_PER_RUN)
+                .min(DEFAULT_MAX_IMAGES_PER_RUN),
+        ),
+    };
+    let selector = Selector::new(&selection, protections).map_err(|e| e.to_string())?;
+    Ok(Compiled {
+        schedule,
+        watermark,
+        selector,
+        dry_run: spec.dry_run,
+    })
+}
+
+/// The node's images as candidates, with what their records' labels say about first-seen and
+/// last-used (`core::last_used`). An image whose records carry no first-seen yet counts as
+/// first seen `now`: missing data never makes an image look old.
+pub fn candidates(inventory: &Inventory, records: &[ImageRecord], now: i64) -> Vec<Candidate> {
+    let by_name: BTreeMap<&str, &ImageRecord> =
+        records.iter().map(|r| (r.name.as_str(), r)).collect();
+    inventory
+        .images
+        .values()
+        .map(|image| {
+            let seen = last_used::seen(&image.references, &by_name);
+            Candidate {
+                id: image.id.clone(),
+                references: image.references.clone(),
+                size: image.size,
+                created: None,
+                last_used: seen.last_used,
+                first_seen: seen.first_seen.unwrap_or(now),
+                pinned: image.pinned,
+                in_use: !image.used_by.is_empty(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::WatermarkSpec;
+
+    fn spec(json: serde_json::Value) -> ImagePrunePolicySpec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn err(json: serde_json::Value) -> String {
+        compile(&spec(json), &Protections::default()).unwrap_err()
+    }
+
+    #[test]
+    fn a_full_policy_compiles() {
+        let c = compile(
+            &spec(serde_json::json!({
+                "schedule": "0 3 * * *",
+                "watermark": {"highPercent": 85, "lowPercent": 70},
+                "unusedFor": "7d", "olderThan": "1d12h",
+                "include": ["docker.io/*"], "exclude": ["*:keep-*"],
+                "keepNewest": 2, "dryRun": true, "maxImagesPerRun": 5,
+            })),
+            &Protections {
+                exclude: vec!["*/pause:*".into()],
+            },
+        )
+        .unwrap();
+        assert!(c.schedule.is_some());
+        assert_eq!(
+            c.watermark,
+            Some(Watermark {
+                high_percent: 85,
+                low_percent: 70
+            })
+        );
+        assert!(c.dry_run);
+    }
+
+    #[test]
+    fn every_mistake_is_named() {
+        assert!(err(serde_json::json!({})).contains("neither a schedule nor a watermark"));
+        assert!(err(serde_json::json!({"schedule": "0 3 * *"})).contains("4 fields"));
+        assert!(
+            err(serde_json::json!({"schedule": "@daily", "unusedFor": "7 days"}))
+                .starts_with("unusedFor: duration")
+        );
+        assert!(
+            err(serde_json::json!({"schedule": "@daily", "olderThan": "1w"}))
+                .starts_with("olderThan: duration")
+        );
+        assert!(err(serde_json::json!({"schedule": "@daily", "include": ["a[b"]})).contains("a[b"));
+        assert!(
+            err(serde_json::json!({"watermark": {"highPercent": 70, "lowPercent": 85}}))
+                .contains("70")
+        );
+        // Protections are the agent's: a bad one is reported too.
+        let bad = compile(
+            &spec(serde_json::json!({"schedule": "@daily"})),
+            &Protections {
+                exclude: vec!["{".into()],
+            },
+        )
+        .unwrap_err();
+        assert!(bad.contains('{'), "{bad}");
+    }
+
+    #[test]
+    fn the_cap_is_bounded() {
+        // maxImagesPerRun above the default is cut to it; a run is one batch.
+        let mut s = spec(serde_json::json!({"schedule": "@daily", "maxImagesPerRun": 1000}));
+        let c = compile(&s, &Protections::default()).unwrap();
+        let many: Vec<Candidate> = (0..150)
+            .map(|n| Candidate {
+                id: format!("sha256:{n:064x}"),
+                references: vec![format!("docker.io/library/a{n}:1")],
+                size: 1,
+                created: None,
+                last_used: None,
+                first_seen: 0,
+                pinned: false,
+                in_use: false,
+            })
+            .collect();
+        assert_eq!(
+            prune::select(&many, &c.selector, 10, None).chosen.len(),
+            100
+        );
+        s.max_images_per_run = Some(7);
+        let c = compile(&s, &Protections::default()).unwrap();
+        assert_eq!(prune::select(&many, &c.selector, 10, None).chosen.len(), 7);
+        s.watermark = Some(WatermarkSpec {
+            high_percent: 50,
+            low_percent: 10,
+        });
+        assert!(compile(&s, &Protections::default()).is_ok());
+    }
+}
