@@ -39,7 +39,7 @@ state=$IMAGEGC_TESTBED_STATE
 step "install the chart's manifests: CRDs, ServiceAccounts, RBAC, admission policy"
 for _ in $(seq 1 30); do "$kubectl" apply --server-side -f deploy/imagegc.yaml >"$state/apply.log" 2>&1 && break; sleep 1; done
 grep -E 'customresourcedefinition|clusterrole |validatingadmissionpolicy ' "$state/apply.log" || cat "$state/apply.log"
-"$kubectl" wait --for condition=established --timeout=60s crd/imageremovals.imagegc.dev crd/nodeimagereports.imagegc.dev
+"$kubectl" wait --for condition=established --timeout=60s crd/imageremovals.imagegc.dev crd/imageprunepolicies.imagegc.dev crd/nodeimagereports.imagegc.dev
 
 step "three Nodes: node-0 and node-1 in the blue pool, node-2 in the green one"
 for i in 0 1 2; do
@@ -83,6 +83,8 @@ YAML
   kubeconfig_for "agent-node-$i" "$token" "$state/agent-$i.kubeconfig"
   KUBECONFIG=$state/agent-$i.kubeconfig NODE_NAME=node-$i \
     "$imagegc" agent --socket "${sockets[$i]}" --listen "127.0.0.1:$(port)" \
+    --image-fs "$(dirname "${sockets[$i]}")/root" --watermark-check-seconds 2 \
+    --protect 'registry.k8s.io/pause:*' \
     >"$state/agent-$i.log" 2>&1 &
   pids+=($!)
   echo "agent on node-$i: pid $!, log $state/agent-$i.log"
@@ -144,5 +146,21 @@ show "$kubectl" get imageremovals -o wide
 step "afterwards: acme/app is gone from the blue pool only (node-2 keeps it); web is gone everywhere (forced); pause stays"
 show "$imagegc" images --socket "$NODE0_SOCKET"
 show "$imagegc" images --socket "$NODE2_SOCKET"
+
+step "a standing policy, as a dry run: a disk guard at 1 % (this machine's disk is fuller) down to 0 %"
+"$kubectl" apply -f - <<YAML
+apiVersion: imagegc.dev/v1alpha1
+kind: ImagePrunePolicy
+metadata: {name: disk-guard-demo}
+spec:
+  watermark: {highPercent: 1, lowPercent: 0}
+  dryRun: true
+YAML
+for _ in $(seq 1 60); do
+  [ "$("$kubectl" get imageprunepolicy disk-guard-demo -o jsonpath='{.status.nodesEvaluated}' 2>/dev/null)" = 3 ] && break; sleep 0.5
+done
+show "$kubectl" get imageprunepolicies
+step "what the policy would remove on node-2, least recently used first (in-use and pinned images never)"
+show "$kubectl" get nodeimagereport node-2 -o jsonpath='{range .status.policies[*].images[*]}{.references[0]}{"\t"}{.outcome}{"\t"}{.reason}{"\n"}{end}'
 
 step "done; stopping the agents and the controller, tearing down"

@@ -79,8 +79,8 @@ pub struct AgentArgs {
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// A glob over normalized references (`registry.k8s.io/pause:*`) that no policy may
-    /// remove; repeatable, or comma-separated in the environment variable.
-    #[arg(long = "protect", env = "IMAGEGC_PROTECT", value_delimiter = ',')]
+    /// remove; repeatable (a glob may contain commas, as in `{a,b}`).
+    #[arg(long = "protect")]
     pub protect: Vec<String>,
     /// The agent's own image: every tag and digest of its repository is protected.
     #[arg(long, env = "IMAGEGC_OWN_IMAGE")]

@@ -173,6 +173,18 @@ mod tests {
     }
 
     #[test]
+    fn the_examples_compile() {
+        for example in [
+            include_str!("../../examples/prune-nightly.yaml"),
+            include_str!("../../examples/prune-disk-pressure.yaml"),
+        ] {
+            let policy: crate::api::ImagePrunePolicy = serde_yaml::from_str(example).unwrap();
+            let c = compile(&policy.spec, &Protections::default()).unwrap();
+            assert!(c.schedule.is_some() || c.watermark.is_some());
+        }
+    }
+
+    #[test]
     fn the_cap_is_bounded() {
         // maxImagesPerRun above the default is cut to it; a run is one batch.
         let mut s = spec(serde_json::json!({"schedule": "@daily", "maxImagesPerRun": 1000}));

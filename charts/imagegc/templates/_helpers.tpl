@@ -73,6 +73,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* containerd's root on the node (its image filesystem): containerd.root, else the preset's. */}}
+{{- define "imagegc.containerdRoot" -}}
+{{- $presets := dict "containerd" "/var/lib/containerd" "k3s" "/var/lib/rancher/k3s/agent/containerd" "microk8s" "/var/snap/microk8s/common/var/lib/containerd" }}
+{{- if .Values.containerd.root }}
+{{- if not (hasPrefix "/" .Values.containerd.root) }}
+{{- fail (printf "containerd.root must be an absolute path on the node, got %q" .Values.containerd.root) }}
+{{- end }}
+{{- .Values.containerd.root }}
+{{- else if hasKey $presets (toString .Values.containerd.preset) }}
+{{- get $presets (toString .Values.containerd.preset) }}
+{{- else }}
+{{- fail (printf "containerd.preset %q is unknown: use containerd, k3s or microk8s, or set containerd.socket and containerd.root" (toString .Values.containerd.preset)) }}
+{{- end }}
+{{- end }}
+
 {{/* Hardening shared by both containers. */}}
 {{- define "imagegc.containerSecurityContext" -}}
 readOnlyRootFilesystem: true
