@@ -446,7 +446,10 @@ impl Agent {
         let mut plan_of_chosen = None;
         let mut executed = false;
         let mut freed = 0;
-        if !choice.chosen.is_empty() {
+        // A run killed half-way left marked records: any later run that may remove finishes
+        // them first, even when it chooses nothing new.
+        let resume = !compiled.dry_run && !inv.pending.is_empty();
+        if !choice.chosen.is_empty() || resume {
             let plan = plan::plan(
                 &Request {
                     images: choice.chosen.iter().map(|c| c.id.clone()).collect(),

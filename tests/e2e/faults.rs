@@ -36,6 +36,10 @@ pub fn trials() -> Vec<Trial> {
             agent_sigkilled_at_random_points,
         ),
         trial(
+            "faults::agent_sigkilled_during_policy_runs",
+            agent_sigkilled_during_policy_runs,
+        ),
+        trial(
             "faults::malformed_object_does_not_wedge_watches",
             malformed_object_does_not_wedge_watches,
         ),
@@ -292,6 +296,109 @@ async fn agent_sigkilled_at_random_points() -> Result<()> {
     ensure!(
         mid_batch >= 5,
         "only {mid_batch} of {KILL_ITERATIONS} kills landed mid-batch: the delays miss the window"
+    );
+    Ok(())
+}
+
+/// Kills of the agent during ImagePrunePolicy runs.
+const POLICY_KILL_ITERATIONS: usize = 20;
+
+/// The agent is SIGKILLed at a pseudo-random point (fixed seed) while a watermark policy
+/// (high 1 %, low 0 %: it fires at every check and wants every image it may take) prunes 16
+/// fresh images, next to a pinned and an in-use image; then restarted. Every time the next
+/// run finishes what the killed one started: no record, mark or content of the 16 is left,
+/// and the protected images stay.
+async fn agent_sigkilled_during_policy_runs() -> Result<()> {
+    let mut op = Operator::start(&[&[("pool", "a")]]).await?;
+    op.agent_args = vec!["--watermark-check-seconds=1".into()];
+    let socket = op.socket(0);
+    let usage = imagegc::agent::policies::filesystem_usage(&op.bed.nodes[0].root)?;
+    ensure!(
+        usage.used_bytes * 100 >= usage.capacity_bytes,
+        "the test bed's filesystem is under 1 % full: the watermark would not fire"
+    );
+    let pinned = ImageBuilder::new("pchaos-pinned").build();
+    let used = ImageBuilder::new("pchaos-used").build();
+    crate::support::import_labelled(
+        &socket,
+        &pinned,
+        &["docker.io/library/keep:1"],
+        &[(imagegc::core::inventory::PINNED_LABEL, "pinned")],
+    )
+    .await?;
+    import(&socket, &used, &["docker.io/library/used:1"]).await?;
+    image::create_container(&socket, NS, "web", "docker.io/library/used:1", None).await?;
+    op.stop_agent(0);
+    let policy: imagegc::api::ImagePrunePolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "imagegc.dev/v1alpha1", "kind": "ImagePrunePolicy",
+        "metadata": {"name": "chaos-guard"},
+        "spec": {"watermark": {"highPercent": 1, "lowPercent": 0}},
+    }))?;
+    kube::api::Api::<imagegc::api::ImagePrunePolicy>::all(op.admin.clone())
+        .create(&Default::default(), &policy)
+        .await?;
+
+    let mut seed: u64 = 0x9e37_79b9;
+    let mut mid_batch = 0;
+    for n in 0..POLICY_KILL_ITERATIONS {
+        let prefix = format!("pk{n}x");
+        let (built, tags) = op.seed(0, &prefix, 16).await?;
+        op.start_agent(0)?;
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let r = seed >> 33;
+        let delay = if n % 2 == 0 {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let marked = op.pending_marks(0).await? > 0;
+                let finished = !image::image_names(&socket, NS).await?.contains(&tags[0]);
+                if marked || finished {
+                    break;
+                }
+                ensure!(
+                    std::time::Instant::now() < deadline,
+                    "iteration {n}: the policy never started{}",
+                    op.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Duration::from_millis(r % 40)
+        } else {
+            Duration::from_millis(r % 2500)
+        };
+        tokio::time::sleep(delay).await;
+        op.kill_agent(0);
+        if op.pending_marks(0).await? > 0 {
+            mid_batch += 1;
+        }
+        op.start_agent(0)?;
+        wait_for(
+            &format!("iteration {n}: the 16 images gone (killed after {delay:?})"),
+            Duration::from_secs(60),
+            || async {
+                Ok(op
+                    .assert_all_gone(0, &prefix, &built)
+                    .await
+                    .is_ok()
+                    .then_some(()))
+            },
+        )
+        .await
+        .with_context(|| op.logs())?;
+        let left = image::image_names(&socket, NS).await?;
+        ensure!(
+            left.contains("docker.io/library/keep:1") && left.contains("docker.io/library/used:1"),
+            "iteration {n}: a protected image went: {left:?}"
+        );
+        op.stop_agent(0);
+    }
+    eprintln!(
+        "faults::agent_sigkilled_during_policy_runs: {POLICY_KILL_ITERATIONS} kills, {mid_batch} landed mid-batch (pending marks on disk)"
+    );
+    ensure!(
+        mid_batch >= 3,
+        "only {mid_batch} of {POLICY_KILL_ITERATIONS} kills landed mid-batch: the delays miss the window"
     );
     Ok(())
 }

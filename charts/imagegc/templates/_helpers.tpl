@@ -69,7 +69,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- else if hasKey $presets (toString .Values.containerd.preset) }}
 {{- get $presets (toString .Values.containerd.preset) }}
 {{- else }}
-{{- fail (printf "containerd.preset %q is unknown: use containerd (/run/containerd/containerd.sock), k3s (/run/k3s/containerd/containerd.sock) or microk8s (/var/snap/microk8s/common/run/containerd.sock), or set containerd.socket to the socket's path on the node" (toString .Values.containerd.preset)) }}
+{{- fail (printf "containerd.preset %q is unknown: use containerd (/run/containerd/containerd.sock), k3s (/run/k3s/containerd/containerd.sock) or microk8s (/var/snap/microk8s/common/run/containerd.sock), or set containerd.socket and containerd.root to their paths on the node" (toString .Values.containerd.preset)) }}
 {{- end }}
 {{- end }}
 
@@ -84,7 +84,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- else if hasKey $presets (toString .Values.containerd.preset) }}
 {{- get $presets (toString .Values.containerd.preset) }}
 {{- else }}
-{{- fail (printf "containerd.preset %q is unknown: use containerd, k3s or microk8s, or set containerd.socket and containerd.root" (toString .Values.containerd.preset)) }}
+{{- fail (printf "containerd.preset %q is unknown: use containerd (/var/lib/containerd), k3s (/var/lib/rancher/k3s/agent/containerd) or microk8s (/var/snap/microk8s/common/var/lib/containerd), or set containerd.root to containerd's root on the node" (toString .Values.containerd.preset)) }}
 {{- end }}
 {{- end }}
 
