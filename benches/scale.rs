@@ -21,8 +21,14 @@
 //! plus the largest object, per-node completion p50/p99 and the controller's memory. The bench's
 //! own requests and watches are counted and named in the output.
 //!
+//! Then, at the largest N, a scheduled ImagePrunePolicy (dry run, every minute) fires on every
+//! node, once with the agents' per-node offset off and once with a 30-second window: when each
+//! node ran (the `lastRun` of its report entry), the peak of runs in one second, the writes
+//! and any 429, side by side.
+//!
 //! `IMAGEGC_SCALE_NODES` (default `100,1000`) and `IMAGEGC_SCALE_NAIVE_MAX` (default 100: the
-//! naive mode's watch traffic grows with N², and beyond that it is extrapolated) choose the runs.
+//! naive mode's watch traffic grows with N², and beyond that it is extrapolated) choose the runs;
+//! `IMAGEGC_SCALE_POLICY=0` skips the policy phase.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -34,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
 use imagegc::agent::{AgentArgs, report};
-use imagegc::api::{ImageRemoval, NodeImageReport};
+use imagegc::api::{ImagePrunePolicy, ImageRemoval, NodeImageReport};
 use imagegc::containerd::{self, Runtime};
 use imagegc::core::plan::{self, Request};
 use imagegc::core::platform::{Matcher, Platform};
@@ -153,6 +159,7 @@ async fn run() -> Result<bool> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut runs = Vec::new();
+    let mut policy_runs = Vec::new();
     for &n in &counts {
         bench.ensure_nodes(n).await?;
         for mode in [Mode::Imagegc, Mode::Naive] {
@@ -164,7 +171,98 @@ async fn run() -> Result<bool> {
             runs.push(run);
         }
     }
-    Ok(summarise(&runs))
+    if std::env::var("IMAGEGC_SCALE_POLICY").as_deref() != Ok("0")
+        && let Some(&n) = counts.iter().max()
+    {
+        for jitter in POLICY_JITTERS {
+            let run = bench.measure_policy(n, jitter).await?;
+            run.print();
+            policy_runs.push(run);
+        }
+    }
+    let ok = summarise(&runs);
+    summarise_policies(&policy_runs);
+    Ok(ok)
+}
+
+/// The agents' jitter windows the policy phase compares (seconds).
+const POLICY_JITTERS: [u32; 2] = [0, 30];
+
+/// One scheduled policy firing on N nodes.
+struct PolicyPhase {
+    n: usize,
+    jitter: u32,
+    /// Seconds from the scheduled minute to each node's run, sorted.
+    offsets: Vec<i64>,
+    /// The most runs in one second.
+    peak: usize,
+    delta: Metrics,
+}
+
+impl PolicyPhase {
+    fn writes(&self) -> f64 {
+        self.delta.sum("apiserver_request_total", |l| {
+            is_write(l) && l.get("group").is_some_and(|g| g == "imagegc.dev")
+        })
+    }
+
+    fn policy_status_writes(&self) -> f64 {
+        self.delta.sum("apiserver_request_total", |l| {
+            is_write(l)
+                && l.get("resource").is_some_and(|r| r == "imageprunepolicies")
+                && l.get("subresource").is_some_and(|s| s == "status")
+        })
+    }
+
+    fn too_many_requests(&self) -> f64 {
+        self.delta.sum("apiserver_request_total", |l| {
+            l.get("code").is_some_and(|c| c == "429")
+        })
+    }
+
+    fn print(&self) {
+        let last = self.offsets.last().copied().unwrap_or(0);
+        println!(
+            "policy N={} jitter window {} s: every node ran within {} s of the scheduled minute (first {} s, median {} s); peak {} runs in one second; {:.0} writes to imagegc.dev ({:.2}/node, {:.0} of them the policy's status); {:.0} HTTP 429",
+            self.n,
+            self.jitter,
+            last,
+            self.offsets.first().copied().unwrap_or(0),
+            self.offsets
+                .get(self.offsets.len() / 2)
+                .copied()
+                .unwrap_or(0),
+            self.peak,
+            self.writes(),
+            self.writes() / self.n as f64,
+            self.policy_status_writes(),
+            self.too_many_requests(),
+        );
+    }
+}
+
+fn summarise_policies(runs: &[PolicyPhase]) {
+    if runs.is_empty() {
+        return;
+    }
+    println!();
+    println!("== scheduled policy: the same minute on every node ==");
+    println!(
+        "| N | jitter window s | all ran within s | peak runs/s | writes/node | policy status writes | 429s |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for r in runs {
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0} |",
+            r.n,
+            r.jitter,
+            r.offsets.last().copied().unwrap_or(0),
+            r.peak,
+            r.writes() / r.n as f64,
+            r.policy_status_writes(),
+            r.too_many_requests()
+        );
+    }
 }
 
 impl Bench {
@@ -341,6 +439,137 @@ impl Bench {
         self.assert_removed(n).await?;
         self.clean_up(mode).await?;
         Ok(run)
+    }
+
+    /// N agents with a jitter window of `jitter` seconds; a dry-run policy scheduled every
+    /// minute on all of them; waits until every node has run it once.
+    async fn measure_policy(&self, n: usize, jitter: u32) -> Result<PolicyPhase> {
+        let started = k8s_openapi::jiff::Timestamp::now().as_second();
+        let (trigger, shutdown) = Shutdown::manual();
+        let mut agents = JoinSet::new();
+        for node in &self.nodes[..n] {
+            let args = AgentArgs {
+                node_name: node.name.clone(),
+                socket: node.socket.clone(),
+                namespace: node.namespace.clone(),
+                listen: "127.0.0.1:0".parse()?,
+                inventory_interval_seconds: Duration::from_secs(300),
+                log_format: LogFormat::Text,
+                protect: Vec::new(),
+                own_image: None,
+                image_fs: node.socket.clone(),
+                prune_max_jitter_seconds: jitter,
+                watermark_check_seconds: Duration::from_secs(30),
+            };
+            let (client, shutdown) = (node.client.clone(), shutdown.clone());
+            agents.spawn(async move {
+                imagegc::agent::run_embedded(client, args, shutdown)
+                    .await
+                    .map_err(anyhow::Error::from)
+            });
+        }
+        let stopped = Stopper {
+            trigger,
+            agents: Some(agents),
+        };
+        let result = self.measure_policy_with_agents(n, jitter, started).await;
+        stopped.stop().await?;
+        let name = format!("sched-{jitter}-{n}");
+        Api::<ImagePrunePolicy>::all(self.admin.clone())
+            .delete(&name, &DeleteParams::default())
+            .await?;
+        result
+    }
+
+    async fn measure_policy_with_agents(
+        &self,
+        n: usize,
+        jitter: u32,
+        started: i64,
+    ) -> Result<PolicyPhase> {
+        let reports = Api::<NodeImageReport>::all(self.admin.clone());
+        // Every agent writes its report when it starts: wait until all of them did.
+        wait_until(
+            "every agent's NodeImageReport written by this phase's agents",
+            || async {
+                let list = reports.list(&ListParams::default()).await?;
+                let fresh = list
+                    .items
+                    .iter()
+                    .filter(|r| {
+                        r.status
+                            .as_ref()
+                            .and_then(|s| s.updated.as_ref())
+                            .is_some_and(|t| t.0.as_second() >= started)
+                    })
+                    .count();
+                Ok((fresh >= n).then_some(()))
+            },
+        )
+        .await?;
+        tokio::time::sleep(SETTLE).await;
+        // Not in the last seconds of a minute: the agents must see the policy before the tick.
+        let now = k8s_openapi::jiff::Timestamp::now().as_second();
+        if now % 60 > 45 {
+            tokio::time::sleep(Duration::from_secs((62 - now % 60) as u64)).await;
+        }
+        let cluster = self.bed.cluster()?;
+        let before = Metrics::scrape(cluster)?;
+        let name = format!("sched-{jitter}-{n}");
+        let policy: ImagePrunePolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "imagegc.dev/v1alpha1", "kind": "ImagePrunePolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "schedule": "* * * * *", "dryRun": true,
+                "nodeSelector": {"matchLabels": {SIM_LABEL: "true"}},
+            },
+        }))?;
+        let created = k8s_openapi::jiff::Timestamp::now().as_second();
+        Api::<ImagePrunePolicy>::all(self.admin.clone())
+            .create(&PostParams::default(), &policy)
+            .await?;
+        let tick = created - created % 60 + 60;
+        let runs = tokio::time::timeout(PHASE_TIMEOUT, async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let list = reports.list(&ListParams::default()).await?;
+                let runs: Vec<i64> = list
+                    .items
+                    .iter()
+                    .filter_map(|r| {
+                        r.status
+                            .as_ref()?
+                            .policies
+                            .iter()
+                            .find(|p| p.name == name)?
+                            .last_run
+                            .as_ref()
+                            .map(|t| t.0.as_second())
+                    })
+                    .filter(|at| *at < tick + 60)
+                    .collect();
+                if runs.len() >= n {
+                    return Ok::<_, anyhow::Error>(runs);
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("{name}: not every node ran in {PHASE_TIMEOUT:?}"))??;
+        tokio::time::sleep(SETTLE).await;
+        let after = Metrics::scrape(cluster)?;
+        let mut offsets: Vec<i64> = runs.iter().map(|at| at - tick).collect();
+        offsets.sort();
+        let mut per_second: BTreeMap<i64, usize> = BTreeMap::new();
+        for o in &offsets {
+            *per_second.entry(*o).or_default() += 1;
+        }
+        Ok(PolicyPhase {
+            n,
+            jitter,
+            peak: per_second.values().copied().max().unwrap_or(0),
+            offsets,
+            delta: after.minus(&before),
+        })
     }
 
     async fn measure_with_agents(
