@@ -98,9 +98,10 @@ pub struct ImagePrunePolicySpec {
     /// Report what would be removed; remove nothing.
     #[serde(default)]
     pub dry_run: bool,
-    /// Remove at most this many images per node per run (default 100).
+    /// Remove at most this many images per node per run (1 to 100; default 100: a run is one
+    /// batch, and the report lists a bounded number).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = 100))]
     pub max_images_per_run: Option<u32>,
 }
 

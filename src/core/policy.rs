@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn the_cap_is_bounded() {
-        // maxImagesPerRun above the default is cut to it; a run is one batch.
+        // maxImagesPerRun above the maximum (stored before the schema said so) is cut to it.
         let mut s = spec(serde_json::json!({"schedule": "@daily", "maxImagesPerRun": 1000}));
         let c = compile(&s, &Protections::default()).unwrap();
         let many: Vec<Candidate> = (0..150)

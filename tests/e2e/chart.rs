@@ -270,19 +270,30 @@ fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml:
 }
 
 fn chart_renders_presets_and_options() -> Result<()> {
-    for (set, want) in [
-        (vec![], "/run/containerd/containerd.sock"),
+    for (set, want, root) in [
+        (
+            vec![],
+            "/run/containerd/containerd.sock",
+            "/var/lib/containerd",
+        ),
         (
             vec!["containerd.preset=k3s"],
             "/run/k3s/containerd/containerd.sock",
+            "/var/lib/rancher/k3s/agent/containerd",
         ),
         (
             vec!["containerd.preset=microk8s"],
             "/var/snap/microk8s/common/run/containerd.sock",
+            "/var/snap/microk8s/common/var/lib/containerd",
         ),
         (
-            vec!["containerd.preset=k3s", "containerd.socket=/custom/c.sock"],
+            vec![
+                "containerd.preset=k3s",
+                "containerd.socket=/custom/c.sock",
+                "containerd.root=/custom/root",
+            ],
             "/custom/c.sock",
+            "/custom/root",
         ),
     ] {
         let docs = render(&set)?;
@@ -309,7 +320,38 @@ fn chart_renders_presets_and_options() -> Result<()> {
                 && env["value"] == want,
             "{set:?}: volume {volume:?}, container {container:?}"
         );
+        // containerd's root: a second read-only hostPath, and the flag that points at it.
+        let root_volume = &pod["volumes"][1];
+        let args: Vec<&str> = container["args"]
+            .as_sequence()
+            .context("args")?
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        ensure!(
+            root_volume["name"] == "containerd-root"
+                && root_volume["hostPath"]["path"] == root
+                && root_volume["hostPath"]["type"] == "Directory"
+                && container["volumeMounts"][1]["mountPath"] == root
+                && container["volumeMounts"][1]["readOnly"] == true
+                && args.contains(&format!("--image-fs={root}").as_str())
+                && args.iter().any(|a| a.starts_with("--own-image="))
+                && args.contains(&"--protect=registry.k8s.io/pause:*"),
+            "{set:?}: volumes {:?}, args {args:?}",
+            pod["volumes"]
+        );
     }
+    // The socket inside containerd's root: one mount serves both.
+    let docs = render(&[
+        "containerd.socket=/var/lib/containerd/c.sock",
+        "containerd.root=/var/lib/containerd",
+    ])?;
+    let pod = &of_kind(&docs, "DaemonSet")[0]["spec"]["template"]["spec"];
+    ensure!(
+        pod["volumes"].as_sequence().map(Vec::len) == Some(1),
+        "{:?}",
+        pod["volumes"]
+    );
     let err = render(&["containerd.preset=nope"]).expect_err("an unknown preset renders");
     ensure!(
         format!("{err:#}").contains("containerd.preset \"nope\" is unknown"),

@@ -2,7 +2,7 @@
 //! ServiceAccounts may do (exactly, no more), and which Pod Security Standards controls the
 //! chart's workloads do not meet (exactly the documented exceptions).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -169,112 +169,155 @@ async fn service_accounts_have_exactly_their_permissions() -> Result<()> {
     Ok(())
 }
 
-/// The chart's workloads, applied into a namespace that warns on the `restricted` Pod Security
-/// level: the agent violates exactly the controls a containerd client cannot avoid (hostPath
-/// volumes for the socket's directory and for containerd's root, whose filesystem usage the
-/// watermarks read; root for the root-owned socket), the controller none.
+/// The chart's workloads, applied into namespaces that warn on the `restricted` and on the
+/// `baseline` Pod Security level: the agent violates exactly the controls a containerd client
+/// cannot avoid (hostPath volumes for the socket's directory and for containerd's root, whose
+/// filesystem usage the watermarks read; root for the root-owned socket), each warning names
+/// exactly those two volumes, and the controller violates nothing.
 async fn pod_security_exceptions_are_the_documented_ones() -> Result<()> {
     let bed = cluster().await?;
     let admin = bed.cluster()?.admin_client().await?;
-    let ns: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "pss", "labels": {"pod-security.kubernetes.io/warn": "restricted"}}
-    }))?;
-    Api::<Namespace>::all(admin)
-        .create(&PostParams::default(), &ns)
-        .await?;
-    let helm = testbed::tools::go_tool("helm")?;
-    let chart = testbed::tools::repo_root().join("charts/imagegc");
-    let rendered = Command::new(helm)
-        .args(["template", "imagegc"])
-        .arg(chart)
-        .args(["--namespace", "pss"])
-        .output()?;
-    ensure!(rendered.status.success(), "helm template failed");
-    let docs = String::from_utf8(rendered.stdout)?;
-    let mut warnings = Vec::new();
-    for kind in ["DaemonSet", "Deployment"] {
-        let doc = docs
-            .split("\n---")
-            .find(|d| d.contains(&format!("\nkind: {kind}\n")))
-            .with_context(|| format!("no {kind} rendered"))?;
-        let mut child = Command::new(testbed::tools::go_tool("kubectl")?)
-            .arg("--kubeconfig")
-            .arg(&bed.cluster()?.admin_kubeconfig)
-            .args(["apply", "-n", "pss", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(doc.as_bytes())?;
-        let out = child.wait_with_output()?;
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        ensure!(out.status.success(), "applying the {kind}: {stderr}");
-        if kind == "DaemonSet" {
+    let hostpaths = set(&["containerd-run", "containerd-root"]);
+    for (level, namespace) in [("restricted", "pss"), ("baseline", "pss-baseline")] {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": namespace, "labels": {"pod-security.kubernetes.io/warn": level}}
+        }))?;
+        Api::<Namespace>::all(admin.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        let helm = testbed::tools::go_tool("helm")?;
+        let chart = testbed::tools::repo_root().join("charts/imagegc");
+        let rendered = Command::new(helm)
+            .args(["template", "imagegc"])
+            .arg(chart)
+            .args(["--namespace", namespace])
+            .output()?;
+        ensure!(rendered.status.success(), "helm template failed");
+        let docs = String::from_utf8(rendered.stdout)?;
+        let mut warnings = Vec::new();
+        for kind in ["DaemonSet", "Deployment"] {
+            let doc = docs
+                .split("\n---")
+                .find(|d| d.contains(&format!("\nkind: {kind}\n")))
+                .with_context(|| format!("no {kind} rendered"))?;
+            let mut child = Command::new(testbed::tools::go_tool("kubectl")?)
+                .arg("--kubeconfig")
+                .arg(&bed.cluster()?.admin_kubeconfig)
+                .args(["apply", "-n", namespace, "-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            child
+                .stdin
+                .take()
+                .context("stdin")?
+                .write_all(doc.as_bytes())?;
+            let out = child.wait_with_output()?;
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            ensure!(out.status.success(), "applying the {kind}: {stderr}");
+            warnings.push(violations(&stderr));
+        }
+        let (agent, controller) = (&warnings[0], &warnings[1]);
+        ensure!(
+            controller.is_empty(),
+            "{level}: controller Deployment: {controller:?}"
+        );
+        let controls: BTreeSet<String> = agent.keys().cloned().collect();
+        if level == "restricted" {
+            let expected = set(&[
+                "restricted volume types",
+                "runAsNonRoot != true",
+                "runAsUser=0",
+            ]);
             ensure!(
-                stderr.contains(
-                    r#"(volumes "containerd-run", "containerd-root" use restricted volume type "hostPath")"#
-                ),
-                "the only restricted volumes are the socket's directory and containerd's root: {stderr}"
+                controls == expected,
+                "agent DaemonSet at {level}: violated {agent:?}, documented {expected:?}"
+            );
+            // `volumes "a", "b" use restricted volume type "hostPath"`.
+            let detail = &agent["restricted volume types"];
+            let (volumes, types) = detail
+                .split_once(" use ")
+                .or_else(|| detail.split_once(" uses "))
+                .with_context(|| format!("restricted volume types: {detail:?}"))?;
+            ensure!(
+                quoted(volumes) == hostpaths && quoted(types) == set(&["hostPath"]),
+                "the only restricted volumes are the hostPaths of the socket's directory and of \
+                 containerd's root: {detail:?}"
+            );
+        } else {
+            let expected = set(&["hostPath volumes"]);
+            ensure!(
+                controls == expected,
+                "agent DaemonSet at {level}: violated {agent:?}, documented {expected:?}"
+            );
+            // `volumes "a", "b"`.
+            let detail = &agent["hostPath volumes"];
+            ensure!(
+                quoted(detail) == hostpaths,
+                "the only hostPath volumes are the socket's directory and containerd's root: \
+                 {detail:?}"
             );
         }
-        warnings.push((kind, controls(&stderr)));
     }
-    // `restricted volume types` is the hostPath (checked above).
-    let expected_agent = set(&[
-        "restricted volume types",
-        "runAsNonRoot != true",
-        "runAsUser=0",
-    ]);
-    ensure!(
-        warnings[0].1 == expected_agent,
-        "agent DaemonSet: violated {:?}, documented {:?}",
-        warnings[0].1,
-        expected_agent
-    );
-    ensure!(
-        warnings[1].1.is_empty(),
-        "controller Deployment: {:?}",
-        warnings[1].1
-    );
     let readme =
         std::fs::read_to_string(testbed::tools::repo_root().join("charts/imagegc/README.md"))?;
     ensure!(
-        readme.contains("hostPath") && readme.contains("UID 0"),
-        "the chart README documents both exceptions"
+        readme.contains("hostPath")
+            && hostpaths.iter().all(|v| readme.contains(&format!("`{v}`")))
+            && readme.contains("UID 0"),
+        "the chart README documents both exceptions and names both hostPath volumes"
     );
     Ok(())
 }
 
-/// The control names in a `would violate PodSecurity "restricted:latest": a (…), b (…)`
-/// warning.
-fn controls(stderr: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
+/// The controls named in `would violate PodSecurity "<level>:latest": a (…), b (…)` warnings,
+/// each with its detail (the text in its parentheses, empty when there is none).
+fn violations(stderr: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
     for line in stderr.lines() {
         let Some((_, list)) = line.split_once("would violate PodSecurity") else {
             continue;
         };
         let list = list.split_once(": ").map(|(_, l)| l).unwrap_or(list);
         let mut depth = 0;
-        let mut current = String::new();
+        let mut control = String::new();
+        let mut detail = String::new();
         for ch in list.chars() {
             match ch {
-                '(' => depth += 1,
-                ')' => depth -= 1,
-                ',' if depth == 0 => {
-                    out.insert(current.trim().to_string());
-                    current.clear();
+                '(' => {
+                    if depth > 0 {
+                        detail.push(ch);
+                    }
+                    depth += 1;
                 }
-                _ if depth == 0 => current.push(ch),
-                _ => {}
+                ')' => {
+                    depth -= 1;
+                    if depth > 0 {
+                        detail.push(ch);
+                    }
+                }
+                ',' if depth == 0 => {
+                    out.insert(control.trim().to_string(), detail.trim().to_string());
+                    control.clear();
+                    detail.clear();
+                }
+                _ if depth == 0 => control.push(ch),
+                _ => detail.push(ch),
             }
         }
-        if !current.trim().is_empty() {
-            out.insert(current.trim().to_string());
+        if !control.trim().is_empty() {
+            out.insert(control.trim().to_string(), detail.trim().to_string());
         }
     }
     out
+}
+
+/// The double-quoted strings in `s` (`volumes "a", "b"` gives `a` and `b`).
+fn quoted(s: &str) -> BTreeSet<String> {
+    s.split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
 }
