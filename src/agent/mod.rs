@@ -257,6 +257,7 @@ async fn run_node(
         protections,
         image_fs: args.image_fs.clone(),
         image_fs_ok: true,
+        policy_failing: HashSet::new(),
         max_jitter: i64::from(args.prune_max_jitter_seconds),
         watermark_check: args.watermark_check_seconds,
         watermark_due: Instant::now(),
@@ -427,6 +428,8 @@ struct Agent {
     image_fs: std::path::PathBuf,
     /// Whether the last read of its usage worked (logs only the transitions).
     image_fs_ok: bool,
+    /// Policies (by UID) whose last run failed on containerd (one Event per failure streak).
+    policy_failing: HashSet<String>,
     /// Seconds a scheduled run may be offset on this node.
     max_jitter: i64,
     watermark_check: Duration,

@@ -22,7 +22,7 @@ use crate::core::plan::{self, Outcome, Plan, Request};
 use crate::core::policy::{self, Compiled};
 use crate::core::prune::{self, Choice, Usage};
 use crate::core::schedule;
-use crate::events::truncate;
+use crate::events::{Severity, truncate};
 
 /// When a scheduled policy next runs on this node, for the generation it was computed for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -342,6 +342,7 @@ impl Agent {
                 .await
             {
                 Ok(entry) => {
+                    self.policy_failing.remove(&uid);
                     self.metrics.policy_run(&entry);
                     let quiet = trigger == Trigger::Watermark
                         && previous.as_ref().is_some_and(|p| same_outcome(p, &entry));
@@ -358,6 +359,18 @@ impl Agent {
                 Err(e) => {
                     self.metrics.runtime_error(&e);
                     tracing::warn!(policy = %policy.name_any(), error = %e, "policy run failed on containerd; retrying at the next check");
+                    if self.policy_failing.insert(uid.clone()) {
+                        let note = format!("node {}: {e}; retrying", self.node);
+                        self.events
+                            .publish(
+                                &**policy,
+                                Severity::Warning,
+                                "ContainerdError",
+                                "Prune",
+                                &note,
+                            )
+                            .await;
+                    }
                     // Try again soon rather than at the next tick.
                     if trigger == Trigger::Schedule {
                         planned.insert(

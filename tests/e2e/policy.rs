@@ -401,6 +401,34 @@ async fn watermark_prunes_least_recently_used_down_to_the_low_mark() -> Result<(
         "removal order {ordered:?}, expected {expected:?}"
     );
 
+    // The agent's metrics count the run and the images it removed.
+    let (code, metrics) = crate::support::http_get(op.agent_port(0), "/metrics").await?;
+    ensure!(code == 200, "/metrics answered {code}");
+    let sample = |prefix: &str, labels: &[&str]| -> Option<f64> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix) && labels.iter().all(|want| l.contains(want)))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    ensure!(
+        sample(
+            "imagegc_agent_policy_runs_total{",
+            &["trigger=\"Watermark\"", "dry_run=\"false\""]
+        )
+        .is_some_and(|v| v >= 1.0)
+            && sample(
+                "imagegc_agent_policy_images_total{",
+                &["outcome=\"Removed\""]
+            ) == Some(f64::from(run.removed))
+            && sample("imagegc_agent_image_fs_usage_percent", &[]).is_some(),
+        "metrics do not show the run:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("policy") || l.contains("image_fs"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
     // Below the high mark nothing more goes.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let still = image::image_names(&op.socket(0), NS).await?;
