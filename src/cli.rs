@@ -264,6 +264,7 @@ mod tests {
             name: "x:1".into(),
             target: Default::default(),
             labels: [(LAST_USED_LABEL.to_string(), "1000".to_string())].into(),
+            created: None,
         }];
         let mut table = Vec::new();
         render_images(&inv, &records, 1000 + 7_200 + 60, Format::Table, &mut table).unwrap();

@@ -77,7 +77,8 @@ pub struct ImagePrunePolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]{1,9}[dhms])+$"))]
     pub unused_for: Option<String>,
-    /// Only images the agent first saw at least this long ago (same format as `unusedFor`).
+    /// Only images on the node for at least this long (same format as `unusedFor`): since
+    /// containerd pulled them, or since the agent first saw them if that is earlier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), regex(pattern = r"^([0-9]{1,9}[dhms])+$"))]
     pub older_than: Option<String>,

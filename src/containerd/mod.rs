@@ -439,6 +439,7 @@ fn image_record(image: Image) -> Option<ImageRecord> {
             annotations: target.annotations.into_iter().collect(),
         },
         labels: image.labels.into_iter().collect(),
+        created: image.created_at.map(|t| t.seconds),
     })
 }
 

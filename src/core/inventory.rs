@@ -25,6 +25,8 @@ pub struct ImageRecord {
     pub target: Descriptor,
     /// The record's labels.
     pub labels: BTreeMap<String, String>,
+    /// When containerd created the record (the pull or import), Unix seconds, if known.
+    pub created: Option<i64>,
 }
 
 /// One container record, running or not: what makes an image "in use".
@@ -246,6 +248,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            created: None,
         }
     }
 

@@ -81,8 +81,11 @@ pub fn compile(spec: &ImagePrunePolicySpec, protections: &Protections) -> Result
 }
 
 /// The node's images as candidates, with what their records' labels say about first-seen and
-/// last-used (`core::last_used`). An image whose records carry no first-seen yet counts as
-/// first seen `now`: missing data never makes an image look old.
+/// last-used (`core::last_used`). An image's creation is the earliest evidence of it on the
+/// node: its first-seen label or the time containerd created its earliest record (the pull),
+/// whichever is earlier, so an image pulled before the agent ran is as old as it really is.
+/// An image with neither counts as first seen `now`: missing data never makes an image look
+/// old.
 pub fn candidates(inventory: &Inventory, records: &[ImageRecord], now: i64) -> Vec<Candidate> {
     let by_name: BTreeMap<&str, &ImageRecord> =
         records.iter().map(|r| (r.name.as_str(), r)).collect();
@@ -91,11 +94,20 @@ pub fn candidates(inventory: &Inventory, records: &[ImageRecord], now: i64) -> V
         .values()
         .map(|image| {
             let seen = last_used::seen(&image.references, &by_name);
+            let pulled = image
+                .references
+                .iter()
+                .filter_map(|r| by_name.get(r.as_str())?.created)
+                .min();
+            let created = match (pulled, seen.first_seen) {
+                (Some(p), Some(f)) => Some(p.min(f)),
+                (p, f) => p.or(f),
+            };
             Candidate {
                 id: image.id.clone(),
                 references: image.references.clone(),
                 size: image.size,
-                created: None,
+                created,
                 last_used: seen.last_used,
                 first_seen: seen.first_seen.unwrap_or(now),
                 pinned: image.pinned,
@@ -170,6 +182,63 @@ mod tests {
         )
         .unwrap_err();
         assert!(bad.contains('{'), "{bad}");
+    }
+
+    #[test]
+    fn candidates_take_the_earliest_evidence_and_never_invent_age() {
+        use crate::core::inventory::CriImage;
+        use crate::core::last_used::{FIRST_SEEN_LABEL, LAST_USED_LABEL};
+
+        let image = |id: &str, refs: &[&str]| CriImage {
+            id: id.into(),
+            references: refs.iter().map(|r| r.to_string()).collect(),
+            size: 10,
+            pinned: false,
+            used_by: Vec::new(),
+            content: Default::default(),
+        };
+        let record = |name: &str, created: Option<i64>, labels: &[(&str, &str)]| ImageRecord {
+            name: name.into(),
+            target: Default::default(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            created,
+        };
+        let mut inv = Inventory::default();
+        for img in [
+            image("sha256:a", &["a:1", "a:2"]),
+            image("sha256:b", &["b:1"]),
+            image("sha256:c", &["c:1"]),
+        ] {
+            inv.images.insert(img.id.clone(), img);
+        }
+        let records = [
+            // Pulled at 100 and 300, first seen by the agent at 500, last used at 700.
+            record(
+                "a:1",
+                Some(300),
+                &[(FIRST_SEEN_LABEL, "500"), (LAST_USED_LABEL, "700")],
+            ),
+            record("a:2", Some(100), &[(FIRST_SEEN_LABEL, "600")]),
+            // Seen at 50 (an older label than containerd's clock says): the earlier wins.
+            record("b:1", Some(400), &[(FIRST_SEEN_LABEL, "50")]),
+            // Nothing known.
+            record("c:1", None, &[]),
+        ];
+        let got = candidates(&inv, &records, 1000);
+        let by_id = |id: &str| got.iter().find(|c| c.id == id).unwrap();
+        let a = by_id("sha256:a");
+        assert_eq!(
+            (a.created, a.first_seen, a.last_used),
+            (Some(100), 500, Some(700))
+        );
+        let b = by_id("sha256:b");
+        assert_eq!((b.created, b.first_seen, b.last_used), (Some(50), 50, None));
+        let c = by_id("sha256:c");
+        assert_eq!((c.created, c.first_seen, c.last_used), (None, 1000, None));
+        assert_eq!((c.creation(), c.last_use()), (1000, 1000));
     }
 
     #[test]
