@@ -257,7 +257,7 @@ async fn run_node(
         protections,
         image_fs: args.image_fs.clone(),
         image_fs_ok: true,
-        policy_failing: HashSet::new(),
+        policy_failing: HashMap::new(),
         max_jitter: i64::from(args.prune_max_jitter_seconds),
         watermark_check: args.watermark_check_seconds,
         watermark_due: Instant::now(),
@@ -275,11 +275,9 @@ async fn run_node(
     tokio::select! {
         _ = stop.wait() => return Ok(()),
         _ = async {
-            tokio::join!(
-                removals.wait_until_ready(),
-                nodes.wait_until_ready(),
-                policies.wait_until_ready()
-            )
+            // Not the policies: without their CRD (an upgrade that skipped it) removals must
+            // still work; policies are evaluated once their watch has listed.
+            tokio::join!(removals.wait_until_ready(), nodes.wait_until_ready())
         } => {}
     }
     tracing::info!("watches synced");
@@ -428,8 +426,9 @@ struct Agent {
     image_fs: std::path::PathBuf,
     /// Whether the last read of its usage worked (logs only the transitions).
     image_fs_ok: bool,
-    /// Policies (by UID) whose last run failed on containerd (one Event per failure streak).
-    policy_failing: HashSet<String>,
+    /// Consecutive failed runs of each policy (by UID) on containerd: the backoff, and one
+    /// Event per streak.
+    policy_failing: HashMap<String, u32>,
     /// Seconds a scheduled run may be offset on this node.
     max_jitter: i64,
     watermark_check: Duration,

@@ -179,12 +179,21 @@ pub fn run_entry(facts: &RunFacts<'_>) -> PolicyRun {
 }
 
 /// Whether two entries tell the same story, apart from when (a watermark run that changes
-/// nothing is not worth an API write every few seconds).
+/// nothing is not worth an API write every few seconds). The reasons are left out too: they
+/// hold ages ("unused for 3h"), which change from one run to the next.
 pub fn same_outcome(a: &PolicyRun, b: &PolicyRun) -> bool {
     let timeless = |r: &PolicyRun| PolicyRun {
         last_run: None,
         next_run: None,
         usage_percent: None,
+        images: r
+            .images
+            .iter()
+            .map(|i| PrunedImage {
+                reason: String::new(),
+                ..i.clone()
+            })
+            .collect(),
         ..r.clone()
     };
     timeless(a) == timeless(b)
@@ -245,6 +254,10 @@ impl Agent {
         labels: &BTreeMap<String, String>,
         next: &mut Instant,
     ) -> bool {
+        // Before the first listing the store is empty: evaluating would drop every entry.
+        if futures::FutureExt::now_or_never(policies.wait_until_ready()).is_none() {
+            return false;
+        }
         let mut all = policies.state();
         all.sort_by_key(|p| p.name_any());
         let live = live_so_far(&all, labels);
@@ -343,14 +356,18 @@ impl Agent {
             {
                 Ok(entry) => {
                     self.policy_failing.remove(&uid);
-                    self.metrics.policy_run(&entry);
                     let quiet = trigger == Trigger::Watermark
                         && previous.as_ref().is_some_and(|p| same_outcome(p, &entry));
                     if !quiet {
-                        self.policy_entries = merge(&self.policy_entries, Some(entry), &live);
-                        changed = true;
+                        self.metrics.policy_run(&entry);
+                        let merged = merge(&self.policy_entries, Some(entry), &live);
+                        // Past MAX_POLICIES an entry may not be kept: no write for nothing.
+                        if merged != self.policy_entries {
+                            self.policy_entries = merged;
+                            changed = true;
+                        }
                     }
-                    if trigger == Trigger::Watermark && !compiled.dry_run {
+                    if !compiled.dry_run {
                         // Freed space shows in the next reading; read again before another
                         // watermark policy decides.
                         usage = None;
@@ -358,8 +375,11 @@ impl Agent {
                 }
                 Err(e) => {
                     self.metrics.runtime_error(&e);
-                    tracing::warn!(policy = %policy.name_any(), error = %e, "policy run failed on containerd; retrying at the next check");
-                    if self.policy_failing.insert(uid.clone()) {
+                    let attempts = self.policy_failing.entry(uid.clone()).or_insert(0);
+                    *attempts += 1;
+                    let (attempts, delay) = (*attempts, super::backoff(*attempts));
+                    tracing::warn!(policy = %policy.name_any(), attempt = attempts, retry_in_seconds = delay.as_secs(), error = %e, "policy run failed on containerd; will retry");
+                    if attempts == 1 {
                         let note = format!("node {}: {e}; retrying", self.node);
                         self.events
                             .publish(
@@ -371,16 +391,17 @@ impl Agent {
                             )
                             .await;
                     }
-                    // Try again soon rather than at the next tick.
+                    // Try again with backoff (1 s doubling to 5 min) rather than at the next
+                    // tick; a watermark run is retried at the next check.
                     if trigger == Trigger::Schedule {
                         planned.insert(
                             uid.clone(),
                             Planned {
                                 generation,
-                                next: Some(now_unix() + 2),
+                                next: Some(now_unix() + delay.as_secs() as i64),
                             },
                         );
-                        *next = (*next).min(Instant::now() + Duration::from_secs(2));
+                        *next = (*next).min(Instant::now() + delay);
                     }
                 }
             }
@@ -525,4 +546,77 @@ fn live_so_far(
         .filter(|p| report::targets(p.spec.node_selector.as_ref(), labels) == Ok(true))
         .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(reason: &str, at: i64) -> PolicyRun {
+        PolicyRun {
+            name: "guard".into(),
+            uid: "u".into(),
+            chosen: 1,
+            last_run: Timestamp::from_second(at).ok().map(Time),
+            usage_percent: Some(90),
+            images: vec![PrunedImage {
+                id: "sha256:a".into(),
+                outcome: "WouldRemove".into(),
+                reason: reason.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_run_that_differs_only_in_times_and_ages_is_the_same() {
+        let a = entry("unused for 3h", 100);
+        assert!(same_outcome(&a, &entry("unused for 4h", 4000)));
+        let mut b = entry("unused for 3h", 100);
+        b.images[0].outcome = "Removed".into();
+        assert!(!same_outcome(&a, &b));
+        let mut c = entry("unused for 3h", 100);
+        c.total_removed = 1;
+        assert!(!same_outcome(&a, &c));
+    }
+
+    #[test]
+    fn merge_keeps_live_entries_by_name_and_at_most_the_bound() {
+        let live: BTreeSet<(String, String)> = (0..MAX_POLICIES + 5)
+            .map(|n| (format!("p{n:02}"), format!("u{n}")))
+            .collect();
+        let mut entries = Vec::new();
+        for (name, uid) in &live {
+            let run = PolicyRun {
+                name: name.clone(),
+                uid: uid.clone(),
+                ..Default::default()
+            };
+            entries = merge(&entries, Some(run), &live);
+        }
+        assert_eq!(entries.len(), MAX_POLICIES);
+        assert_eq!(entries[0].name, "p00");
+        // A deleted (or re-created: another UID) policy's entry goes.
+        let mut fewer = live.clone();
+        fewer.remove(&("p00".to_string(), "u0".to_string()));
+        assert!(
+            merge(&entries, None, &fewer)
+                .iter()
+                .all(|e| e.name != "p00")
+        );
+    }
+
+    #[test]
+    fn percent_rounds_up_and_survives_nonsense() {
+        let u = |used, capacity| Usage {
+            used_bytes: used,
+            capacity_bytes: capacity,
+        };
+        assert_eq!(percent(&u(841, 1000)), 85);
+        assert_eq!(percent(&u(0, 1000)), 0);
+        assert_eq!(percent(&u(5, 0)), 0);
+        assert_eq!(percent(&u(-5, 10)), 0);
+        assert_eq!(percent(&u(i64::MAX, 1)), 100);
+    }
 }

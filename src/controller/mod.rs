@@ -418,7 +418,9 @@ impl Synced {
     const NODES: u8 = 2;
     const REPORTS: u8 = 4;
     const POLICIES: u8 = 8;
-    const ALL: u8 = Self::REMOVALS | Self::NODES | Self::REPORTS | Self::POLICIES;
+    /// What removals need. Not the policies: without their CRD (an upgrade that skipped it)
+    /// removals must still be folded.
+    const ALL: u8 = Self::REMOVALS | Self::NODES | Self::REPORTS;
 
     fn new() -> Synced {
         Synced(Arc::new(tokio::sync::watch::channel(0).0))
@@ -432,9 +434,14 @@ impl Synced {
         });
     }
 
-    /// Resolves once every watch has synced.
+    /// Resolves once every watch removals need has synced.
     async fn wait(&self) {
-        let _ = self.0.subscribe().wait_for(|m| *m == Self::ALL).await;
+        self.wait_for(Self::ALL).await;
+    }
+
+    /// Resolves once the watches in `mask` have synced.
+    async fn wait_for(&self, mask: u8) {
+        let _ = self.0.subscribe().wait_for(|m| *m & mask == mask).await;
     }
 }
 
@@ -517,6 +524,7 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
             reports: reports.clone(),
             changed,
             debounce: leader.status_debounce,
+            debounce_per_node: leader.status_debounce_per_node,
         }
         .run(shutdown.clone()),
     );

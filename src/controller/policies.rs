@@ -28,8 +28,10 @@ pub(super) struct PolicyLoop {
     pub reports: Store<NodeImageReport>,
     /// Pinged by every policy, report and Node label change.
     pub changed: Arc<Notify>,
-    /// The least time between two passes.
+    /// The least time between two passes…
     pub debounce: Duration,
+    /// … plus this per Node: every status write reaches every agent's watch.
+    pub debounce_per_node: Duration,
 }
 
 fn ready_status(status: Option<&ImagePrunePolicyStatus>) -> Option<String> {
@@ -45,7 +47,7 @@ impl PolicyLoop {
     pub(super) async fn run(self, mut shutdown: Shutdown) {
         tokio::select! {
             _ = shutdown.wait() => return,
-            _ = self.synced.wait() => {}
+            _ = self.synced.wait_for(Synced::ALL | Synced::POLICIES) => {}
         }
         loop {
             self.pass().await;
@@ -56,9 +58,15 @@ impl PolicyLoop {
             }
             tokio::select! {
                 _ = shutdown.wait() => return,
-                _ = tokio::time::sleep(self.debounce) => {}
+                _ = tokio::time::sleep(self.interval()) => {}
             }
         }
+    }
+
+    /// The time between two passes: the removals' write interval for the cluster's node count.
+    fn interval(&self) -> Duration {
+        let nodes = i32::try_from(self.nodes.state().len()).unwrap_or(i32::MAX);
+        super::fold::write_interval(self.debounce, self.debounce_per_node, nodes)
     }
 
     /// Folds every policy and writes the statuses that changed.

@@ -12,7 +12,7 @@
 //!   evaluate the policy, with the reason in words; True (`Valid`) otherwise. Its
 //!   `lastTransitionTime` moves only when it flips.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -68,7 +68,7 @@ pub fn fold<'a>(
             return status;
         }
     };
-    let targets: Vec<&str> = nodes
+    let targets: HashSet<&str> = nodes
         .into_iter()
         .filter(|(_, labels)| selector.matches(labels))
         .map(|(name, _)| name)
@@ -85,7 +85,8 @@ pub fn fold<'a>(
         };
         status.images_removed = status.images_removed.saturating_add(entry.total_removed);
         status.bytes_freed = status.bytes_freed.saturating_add(entry.total_bytes_freed);
-        if entry.generation == generation && targets.contains(&report.name_any().as_str()) {
+        let node = report.metadata.name.as_deref().unwrap_or_default();
+        if entry.generation == generation && targets.contains(node) {
             status.nodes_evaluated += 1;
             status.last_run_chosen = status
                 .last_run_chosen

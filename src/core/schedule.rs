@@ -28,21 +28,20 @@ impl fmt::Display for ScheduleError {
 impl std::error::Error for ScheduleError {}
 
 /// The macros a schedule may be instead of 5 fields.
-const MACROS: [&str; 7] = [
+const MACROS: [&str; 6] = [
     "@yearly",
     "@annually",
     "@monthly",
     "@weekly",
     "@daily",
-    "@midnight",
     "@hourly",
 ];
 
 impl Schedule {
     /// Parses `minute hour day-of-month month day-of-week` (as Kubernetes CronJobs and crontab
     /// do: day-of-week 0 or 7 is Sunday; when both day fields are restricted, either matches)
-    /// or one of `@hourly`, `@daily`, `@midnight`, `@weekly`, `@monthly`, `@yearly`,
-    /// `@annually`. Times are UTC.
+    /// or one of `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`, `@annually`. Times
+    /// are UTC.
     pub fn parse(expr: &str) -> Result<Schedule, ScheduleError> {
         let expr = expr.trim();
         let fields = expr.split_whitespace().count();
@@ -196,6 +195,7 @@ mod tests {
             "0 0 0 * * * *",
             "61 * * * *",
             "a b c d e",
+            "@midnight",
         ] {
             let e = Schedule::parse(bad).unwrap_err().to_string();
             assert!(e.contains("schedule"), "{bad:?}: {e}");
