@@ -140,6 +140,26 @@ struct SimNode {
     client: Client,
 }
 
+impl SimNode {
+    /// The flags of this node's embedded agent, with a scheduled-policy jitter window of
+    /// `jitter` seconds (watermarks are not exercised: `image_fs` only needs to exist).
+    fn agent_args(&self, jitter: u32) -> AgentArgs {
+        AgentArgs {
+            node_name: self.name.clone(),
+            socket: self.socket.clone(),
+            namespace: self.namespace.clone(),
+            listen: ([127, 0, 0, 1], 0).into(),
+            inventory_interval_seconds: Duration::from_secs(300),
+            log_format: LogFormat::Text,
+            protect: Vec::new(),
+            own_image: None,
+            image_fs: self.socket.clone(),
+            prune_max_jitter_seconds: jitter,
+            watermark_check_seconds: Duration::from_secs(30),
+        }
+    }
+}
+
 struct Bench {
     // Processes first: they stop before the bed they use.
     controller: Proc,
@@ -397,19 +417,7 @@ impl Bench {
         for (i, node) in self.nodes[..n].iter().enumerate() {
             match mode {
                 Mode::Imagegc => {
-                    let args = AgentArgs {
-                        node_name: node.name.clone(),
-                        socket: node.socket.clone(),
-                        namespace: node.namespace.clone(),
-                        listen: "127.0.0.1:0".parse()?,
-                        inventory_interval_seconds: Duration::from_secs(300),
-                        log_format: LogFormat::Text,
-                        protect: Vec::new(),
-                        own_image: None,
-                        image_fs: node.socket.clone(),
-                        prune_max_jitter_seconds: 300,
-                        watermark_check_seconds: Duration::from_secs(30),
-                    };
+                    let args = node.agent_args(300);
                     let (client, shutdown) = (node.client.clone(), shutdown.clone());
                     agents.spawn(async move {
                         imagegc::agent::run_embedded(client, args, shutdown)
@@ -448,19 +456,7 @@ impl Bench {
         let (trigger, shutdown) = Shutdown::manual();
         let mut agents = JoinSet::new();
         for node in &self.nodes[..n] {
-            let args = AgentArgs {
-                node_name: node.name.clone(),
-                socket: node.socket.clone(),
-                namespace: node.namespace.clone(),
-                listen: "127.0.0.1:0".parse()?,
-                inventory_interval_seconds: Duration::from_secs(300),
-                log_format: LogFormat::Text,
-                protect: Vec::new(),
-                own_image: None,
-                image_fs: node.socket.clone(),
-                prune_max_jitter_seconds: jitter,
-                watermark_check_seconds: Duration::from_secs(30),
-            };
+            let args = node.agent_args(jitter);
             let (client, shutdown) = (node.client.clone(), shutdown.clone());
             agents.spawn(async move {
                 imagegc::agent::run_embedded(client, args, shutdown)

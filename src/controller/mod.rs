@@ -620,6 +620,31 @@ fn only_label_changes(
     })
 }
 
+/// Server-side applies `status` as the status of the cluster-scoped `K` named `name`, as the
+/// controller's field manager.
+async fn apply_status<K>(
+    client: &Client,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = kube::core::ClusterResourceScope>,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    Api::<K>::all(client.clone())
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+}
+
 /// A stream callback that pings `changed`.
 fn ping<T>(changed: &Arc<tokio::sync::Notify>) -> impl FnMut(&T) + use<T> {
     let changed = changed.clone();
@@ -697,20 +722,7 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
         {
             return Ok(Action::requeue(wait));
         }
-        let api = Api::<ImageRemoval>::all(ctx.client.clone());
-        let patch = serde_json::json!({
-            "apiVersion": ImageRemoval::api_version(&()),
-            "kind": ImageRemoval::kind(&()),
-            "status": status,
-        });
-        match api
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
+        match apply_status::<ImageRemoval>(&ctx.client, &name, &status).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
             Err(source) => return Err(ControllerError::WriteStatus { name, source }),

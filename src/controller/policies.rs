@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
+use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
-use super::{FIELD_MANAGER, Metrics, RESYNC, Synced, policy_fold};
+use super::{Metrics, RESYNC, Synced, policy_fold};
 use crate::api::{ImagePrunePolicy, ImagePrunePolicyStatus, NodeImageReport, READY};
 use crate::events::{Publisher, Severity};
 use crate::serve::Shutdown;
@@ -74,7 +74,6 @@ impl PolicyLoop {
         let now = Timestamp::from_second(Timestamp::now().as_second())
             .unwrap_or_else(|_| Timestamp::now());
         let (nodes, reports) = (self.nodes.state(), self.reports.state());
-        let api = Api::<ImagePrunePolicy>::all(self.client.clone());
         for policy in self.policies.state() {
             if policy.meta().deletion_timestamp.is_some() {
                 continue;
@@ -91,19 +90,7 @@ impl PolicyLoop {
                 continue;
             }
             let name = policy.name_any();
-            let patch = serde_json::json!({
-                "apiVersion": ImagePrunePolicy::api_version(&()),
-                "kind": ImagePrunePolicy::kind(&()),
-                "status": status,
-            });
-            match api
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-            {
+            match super::apply_status::<ImagePrunePolicy>(&self.client, &name, &status).await {
                 Ok(_) => {
                     self.metrics.policy_status_writes.inc();
                     tracing::info!(

@@ -239,35 +239,16 @@ async fn agent_sigkilled_at_random_points() -> Result<()> {
         op.create_removal(&name, serde_json::json!({ "images": tags }))
             .await?;
         op.start_agent(0)?;
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let r = seed >> 33;
-        let delay = if n % 2 == 0 {
-            // Poll tightly: a batch of 16 takes tens of milliseconds.
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                let marked = op.pending_marks(0).await? > 0;
-                let finished = !image::image_names(&socket, NS).await?.contains(&tags[0]);
-                if marked || finished {
-                    break;
-                }
-                ensure!(
-                    std::time::Instant::now() < deadline,
-                    "iteration {n}: the agent never started the batch{}",
-                    op.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Duration::from_millis(r % 40)
-        } else {
-            Duration::from_millis(r % 1200)
-        };
-        tokio::time::sleep(delay).await;
-        op.kill_agent(0);
-        if op.pending_marks(0).await? > 0 {
-            mid_batch += 1;
-        }
+        let (delay, marked) = kill_at_a_seeded_point(
+            &mut op,
+            &mut seed,
+            n,
+            &tags[0],
+            1200,
+            "the agent never started the batch",
+        )
+        .await?;
+        mid_batch += usize::from(marked);
         op.start_agent(0)?;
         let r = op
             .wait_result(0, &name)
@@ -298,6 +279,48 @@ async fn agent_sigkilled_at_random_points() -> Result<()> {
         "only {mid_batch} of {KILL_ITERATIONS} kills landed mid-batch: the delays miss the window"
     );
     Ok(())
+}
+
+/// SIGKILLs node 0's agent at a pseudo-random point of iteration `n` (`seed` advances): on even
+/// iterations 0–40 ms after the first pending mark appears (or `first_tag` is gone), on odd
+/// ones 0–`late_ms` ms from now. Returns the delay and whether marks were on disk after the
+/// kill; fails with `never` if an even iteration's batch does not start within 60 s.
+async fn kill_at_a_seeded_point(
+    op: &mut Operator,
+    seed: &mut u64,
+    n: usize,
+    first_tag: &str,
+    late_ms: u64,
+    never: &str,
+) -> Result<(Duration, bool)> {
+    let socket = op.socket(0);
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let r = *seed >> 33;
+    let delay = if n.is_multiple_of(2) {
+        // Poll tightly: a batch of 16 takes tens of milliseconds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let marked = op.pending_marks(0).await? > 0;
+            let finished = !image::image_names(&socket, NS).await?.contains(first_tag);
+            if marked || finished {
+                break;
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "iteration {n}: {never}{}",
+                op.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Duration::from_millis(r % 40)
+    } else {
+        Duration::from_millis(r % late_ms)
+    };
+    tokio::time::sleep(delay).await;
+    op.kill_agent(0);
+    Ok((delay, op.pending_marks(0).await? > 0))
 }
 
 /// Kills of the agent during ImagePrunePolicy runs.
@@ -344,34 +367,16 @@ async fn agent_sigkilled_during_policy_runs() -> Result<()> {
         let prefix = format!("pk{n}x");
         let (built, tags) = op.seed(0, &prefix, 16).await?;
         op.start_agent(0)?;
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let r = seed >> 33;
-        let delay = if n % 2 == 0 {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                let marked = op.pending_marks(0).await? > 0;
-                let finished = !image::image_names(&socket, NS).await?.contains(&tags[0]);
-                if marked || finished {
-                    break;
-                }
-                ensure!(
-                    std::time::Instant::now() < deadline,
-                    "iteration {n}: the policy never started{}",
-                    op.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            Duration::from_millis(r % 40)
-        } else {
-            Duration::from_millis(r % 2500)
-        };
-        tokio::time::sleep(delay).await;
-        op.kill_agent(0);
-        if op.pending_marks(0).await? > 0 {
-            mid_batch += 1;
-        }
+        let (delay, marked) = kill_at_a_seeded_point(
+            &mut op,
+            &mut seed,
+            n,
+            &tags[0],
+            2500,
+            "the policy never started",
+        )
+        .await?;
+        mid_batch += usize::from(marked);
         op.start_agent(0)?;
         wait_for(
             &format!("iteration {n}: the 16 images gone (killed after {delay:?})"),
