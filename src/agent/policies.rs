@@ -480,9 +480,9 @@ impl Agent {
         let mut plan_of_chosen = None;
         let mut executed = false;
         let mut freed = 0;
-        // A run killed half-way left marked records: any later run that may remove finishes
-        // them first, even when it chooses nothing new.
-        let resume = !compiled.dry_run && !inv.pending.is_empty();
+        // A run killed half-way left journalled records: any later run that may remove
+        // finishes them first (and deletes the journal), even when it chooses nothing new.
+        let resume = !compiled.dry_run && inv.interrupted();
         if !choice.chosen.is_empty() || resume {
             let plan = plan::plan(
                 &Request {

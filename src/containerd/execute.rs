@@ -1,14 +1,14 @@
-//! Carries out a [`Plan`]: label the last record of each image pending, delete the records
-//! (a few at a time, in an order that keeps every started image findable), the very last delete
-//! synchronous (one garbage collection per batch), then verify nothing of a removed image came
-//! back and measure what was freed.
+//! Carries out a [`Plan`]: write one journal naming the last record of each image, delete the
+//! records (a few at a time, in an order that keeps every started image findable), the very last
+//! delete synchronous (one garbage collection per batch), verify nothing of a removed image came
+//! back, delete the journal and measure what was freed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use futures::future::try_join_all;
 
 use crate::containerd::{Runtime, RuntimeError};
-use crate::core::inventory::PENDING_LABEL;
+use crate::core::inventory::Journal;
 use crate::core::plan::{Outcome, Plan};
 
 /// How many times a removal is re-checked: the CRI plugin handles image events
@@ -17,7 +17,7 @@ use crate::core::plan::{Outcome, Plan};
 const VERIFY_ROUNDS: usize = 3;
 /// containerd calls in flight at once. Its metadata store serialises writes; concurrency
 /// overlaps the round trips and event handling around them.
-const CONCURRENCY: usize = 8;
+pub const DELETE_CONCURRENCY: usize = 8;
 
 /// What an execution did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,40 +38,42 @@ pub struct Executed {
     pub gc_runs: u32,
 }
 
-/// Executes `plan` against `rt`. With an empty delete list it touches nothing.
+/// Executes `plan` against `rt`. With nothing to delete it only removes journals whose
+/// records are all gone (an earlier run that was interrupted after its last delete).
 pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError> {
     let mut done = Executed {
         plan,
         ..Default::default()
     };
     if done.plan.deletes.is_empty() {
+        if !done.plan.journals.is_empty() {
+            let names: BTreeSet<String> = rt
+                .list_images()
+                .await?
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            finish_journals(rt, &done.plan.journals, &names).await?;
+        }
         return Ok(done);
     }
-    let (before, records) = tokio::try_join!(rt.content_sizes(), rt.list_images())?;
-    let by_name: HashMap<&str, _> = records.iter().map(|r| (r.name.as_str(), r)).collect();
-    let to_mark: Vec<_> = done
-        .plan
-        .marks
-        .iter()
-        .filter_map(|m| by_name.get(m.as_str()).copied())
-        .collect();
-    for chunk in to_mark.chunks(CONCURRENCY) {
-        let calls: Vec<_> = chunk
-            .iter()
-            .map(|r| rt.label_record(r, PENDING_LABEL, "true"))
-            .collect();
-        try_join_all(calls).await?;
-    }
+    // The journal goes first: from here on, an interruption leaves it for the next run.
+    let (before, journal) = tokio::try_join!(rt.content_sizes(), async {
+        match done.plan.marks.is_empty() {
+            true => Ok(None),
+            false => rt.create_journal(&done.plan.marks).await.map(Some),
+        }
+    })?;
 
     // Marked records (this run's marks, and records an earlier run left pending) go after
     // every other record, so until its image is gone each started image keeps one.
-    let mut marked: BTreeSet<String> = done.plan.marks.iter().cloned().collect();
-    marked.extend(
-        records
-            .iter()
-            .filter(|r| r.labels.contains_key(PENDING_LABEL))
-            .map(|r| r.name.clone()),
-    );
+    let marked: BTreeSet<String> = done
+        .plan
+        .marks
+        .iter()
+        .chain(&done.plan.pending)
+        .cloned()
+        .collect();
     let deletes = done.plan.deletes.clone();
     delete_batch(rt, &deletes, &marked, &mut done).await?;
 
@@ -87,28 +89,59 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
         .flatten()
         .chain(done.plan.resumed.iter().cloned())
         .collect();
-    for _ in 0..VERIFY_ROUNDS {
-        let again: Vec<String> = rt
-            .list_images()
-            .await?
-            .into_iter()
-            .filter(|r| removed.contains(&r.name) || r.labels.contains_key(PENDING_LABEL))
-            .map(|r| r.name)
-            .collect();
+    // The first check and the content listing that measures what was freed run together;
+    // the listing is taken again only if records had to be deleted again.
+    let mut remaining = BTreeSet::new();
+    let mut after = None;
+    for round in 0..VERIFY_ROUNDS {
+        let (records, sizes) = if round == 0 {
+            let (records, sizes) = tokio::try_join!(rt.list_images(), rt.content_sizes())?;
+            (records, Some(sizes))
+        } else {
+            (rt.list_images().await?, None)
+        };
+        remaining = records.into_iter().map(|r| r.name).collect();
+        let again: Vec<String> = remaining.intersection(&removed).cloned().collect();
         if again.is_empty() {
+            after = sizes;
             break;
         }
         tracing::info!(records = ?again, "records of removed images reappeared; deleting again");
         delete_batch(rt, &again, &BTreeSet::new(), &mut done).await?;
+        remaining.retain(|n| !removed.contains(n));
     }
 
-    let after = rt.content_sizes().await?;
+    let mut journals = done.plan.journals.clone();
+    journals.extend(journal.map(|id| Journal {
+        id,
+        names: done.plan.marks.iter().cloned().collect(),
+    }));
+    finish_journals(rt, &journals, &remaining).await?;
+
+    let after = match after {
+        Some(after) => after,
+        None => rt.content_sizes().await?,
+    };
     done.freed_bytes = before
         .iter()
         .filter(|(digest, _)| !after.contains_key(*digest))
         .map(|(_, size)| size)
         .sum();
     Ok(done)
+}
+
+/// Deletes each of `journals` none of whose records is among `remaining`.
+async fn finish_journals(
+    rt: &Runtime,
+    journals: &[Journal],
+    remaining: &BTreeSet<String>,
+) -> Result<(), RuntimeError> {
+    let finished = journals
+        .iter()
+        .filter(|j| j.names.is_disjoint(remaining))
+        .map(|j| rt.delete_lease(&j.id));
+    try_join_all(finished).await?;
+    Ok(())
 }
 
 /// Deletes `names`: the unmarked ones a few at a time, then the marked ones likewise, then
@@ -125,7 +158,7 @@ async fn delete_batch(
     let (unmarked, marks): (Vec<&String>, Vec<&String>) =
         rest.iter().partition(|n| !marked.contains(*n));
     for phase in [unmarked, marks] {
-        for chunk in phase.chunks(CONCURRENCY) {
+        for chunk in phase.chunks(DELETE_CONCURRENCY) {
             let calls: Vec<_> = chunk.iter().map(|n| rt.delete_image(n, false)).collect();
             let existed = try_join_all(calls).await?;
             for (name, existed) in chunk.iter().zip(existed) {

@@ -3,11 +3,11 @@
 
 mod execute;
 
-pub use execute::{Executed, execute};
+pub use execute::{DELETE_CONCURRENCY, Executed, execute};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use futures::future::try_join_all;
+use futures::StreamExt;
 use std::path::{Path, PathBuf};
 
 use containerd_client::services::v1::{
@@ -21,7 +21,7 @@ use containerd_client::tonic::{
 };
 use serde::Deserialize;
 
-use crate::core::inventory::{ContainerRecord, ImageRecord, Inventory};
+use crate::core::inventory::{ContainerRecord, ImageRecord, Inventory, Journal};
 use crate::core::manifest::{self, Descriptor, ManifestError, Selection};
 use crate::core::platform::Matcher;
 
@@ -267,8 +267,9 @@ impl Runtime {
 
     /// Reads the namespace into the CRI view for the platform `matcher` describes.
     ///
-    /// Blobs are read level by level (indexes, then manifests, then configs) for all records
-    /// at once, [`READ_CONCURRENCY`] reads in flight, each distinct blob once.
+    /// Each record's blobs (indexes, manifest, config) are read as its selection asks for
+    /// them, [`READ_CONCURRENCY`] reads kept in flight across all records, each distinct
+    /// blob once.
     pub async fn inventory(&self, matcher: &Matcher) -> Result<Inventory, RuntimeError> {
         Ok(self.inventory_and_records(matcher).await?.0)
     }
@@ -279,48 +280,74 @@ impl Runtime {
         &self,
         matcher: &Matcher,
     ) -> Result<(Inventory, Vec<ImageRecord>), RuntimeError> {
-        let (records, containers) = tokio::try_join!(self.list_images(), self.list_containers())?;
+        let (records, containers, journals) = tokio::try_join!(
+            self.list_images(),
+            self.list_containers(),
+            self.list_journals()
+        )?;
+        // Records with the same target (a tag, its digest name and its `sha256:<id>` record)
+        // share one selection. Each target advances on its own: as soon as a blob it waits for
+        // arrives, it is selected again and asks for its next blob (index, manifest, config),
+        // so reads of different depths overlap instead of waiting for each other level by level.
+        let mut targets: Vec<(&Descriptor, Vec<&str>)> = Vec::new();
+        let mut target_index: HashMap<String, usize> = HashMap::new();
+        for record in &records {
+            let key = serde_json::to_string(&record.target).unwrap_or_default();
+            let i = *target_index.entry(key).or_insert_with(|| {
+                targets.push((&record.target, Vec::new()));
+                targets.len() - 1
+            });
+            targets[i].1.push(&record.name);
+        }
         let mut blobs: HashMap<String, Vec<u8>> = HashMap::new();
         let mut missing: BTreeSet<String> = BTreeSet::new();
-        let mut selections: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
-        let mut open: Vec<&ImageRecord> = records.iter().collect();
-        while !open.is_empty() {
-            let mut wanted: BTreeSet<String> = BTreeSet::new();
-            let mut still_open = Vec::new();
-            for record in open {
-                match manifest::select(&record.target, &blobs, matcher) {
+        let mut selected: Vec<Option<Result<Selection, String>>> = vec![None; targets.len()];
+        let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut ready: Vec<usize> = (0..targets.len()).collect();
+        let mut queue: Vec<String> = Vec::new();
+        let mut reads = futures::stream::FuturesUnordered::new();
+        loop {
+            for i in ready.drain(..) {
+                match manifest::select(targets[i].0, &blobs, matcher) {
                     Err(ManifestError::MissingBlob(digest)) if missing.contains(&digest) => {
-                        selections.insert(
-                            record.name.clone(),
-                            Err(format!("content {digest} is missing")),
-                        );
+                        selected[i] = Some(Err(format!("content {digest} is missing")));
                     }
                     Err(ManifestError::MissingBlob(digest)) => {
-                        wanted.insert(digest);
-                        still_open.push(record);
+                        let waiters = waiting.entry(digest.clone()).or_default();
+                        if waiters.is_empty() {
+                            queue.push(digest);
+                        }
+                        waiters.push(i);
                     }
-                    other => {
-                        selections.insert(record.name.clone(), other.map_err(|e| e.to_string()));
-                    }
+                    other => selected[i] = Some(other.map_err(|e| e.to_string())),
                 }
             }
-            let wanted: Vec<String> = wanted.into_iter().collect();
-            for chunk in wanted.chunks(READ_CONCURRENCY) {
-                let reads: Vec<_> = chunk.iter().map(|d| self.read_blob(d)).collect();
-                for (digest, blob) in chunk.iter().zip(try_join_all(reads).await?) {
-                    match blob {
-                        Some(bytes) => {
-                            blobs.insert(digest.clone(), bytes);
-                        }
-                        None => {
-                            missing.insert(digest.clone());
-                        }
-                    }
+            while reads.len() < READ_CONCURRENCY {
+                let Some(digest) = queue.pop() else { break };
+                reads.push(async move { (self.read_blob(&digest).await, digest) });
+            }
+            let Some((blob, digest)) = reads.next().await else {
+                break;
+            };
+            match blob? {
+                Some(bytes) => {
+                    blobs.insert(digest.clone(), bytes);
+                }
+                None => {
+                    missing.insert(digest.clone());
                 }
             }
-            open = still_open;
+            ready.extend(waiting.remove(&digest).unwrap_or_default());
         }
-        let inventory = Inventory::build(&records, &selections, &containers);
+        let mut selections: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
+        for ((_, names), selection) in targets.iter().zip(selected) {
+            let Some(selection) = selection else { continue };
+            for name in names {
+                selections.insert(name.to_string(), selection.clone());
+            }
+        }
+        let mut inventory = Inventory::build(&records, &selections, &containers);
+        inventory.add_journals(journals, &records);
         Ok((inventory, records))
     }
 
@@ -397,6 +424,57 @@ impl Runtime {
             Ok(_) => Ok(true),
             Err(s) if s.code() == Code::NotFound => Ok(false),
             Err(s) => Err(call_err(format!("delete image {name}"))(s)),
+        }
+    }
+
+    /// The namespace's removal journals (leases labelled [`crate::core::inventory::JOURNAL_LABEL`]).
+    pub async fn list_journals(&self) -> Result<Vec<Journal>, RuntimeError> {
+        use containerd_client::services::v1::ListRequest;
+        let leases = LeasesClient::new(self.channel.clone())
+            .list(self.req(ListRequest { filters: vec![] }))
+            .await
+            .map_err(call_err("list leases"))?
+            .into_inner()
+            .leases;
+        Ok(leases
+            .iter()
+            .filter_map(|l| Journal::from_labels(&l.id, &l.labels))
+            .collect())
+    }
+
+    /// Writes a removal journal listing `names` (one lease, one write); returns its ID.
+    pub async fn create_journal(&self, names: &[String]) -> Result<String, RuntimeError> {
+        use containerd_client::services::v1::CreateRequest;
+        let id = format!(
+            "imagegc-journal-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        LeasesClient::new(self.channel.clone())
+            .create(self.req(CreateRequest {
+                id: id.clone(),
+                labels: Journal::labels(names).into_iter().collect(),
+            }))
+            .await
+            .map_err(call_err("create removal journal (lease)"))?;
+        Ok(id)
+    }
+
+    /// Deletes the lease `id` (a journal); already gone is not an error.
+    pub async fn delete_lease(&self, id: &str) -> Result<(), RuntimeError> {
+        use containerd_client::services::v1::DeleteRequest;
+        match LeasesClient::new(self.channel.clone())
+            .delete(self.req(DeleteRequest {
+                id: id.to_string(),
+                sync: false,
+            }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(call_err(format!("delete lease {id}"))(s)),
         }
     }
 

@@ -12,9 +12,57 @@ use crate::core::resolve::{Resolution, resolve};
 pub const PINNED_LABEL: &str = "io.cri-containerd.pinned";
 /// Value of [`PINNED_LABEL`] on a pinned image.
 pub const PINNED_VALUE: &str = "pinned";
-/// Label imagegc puts on every record it is about to delete, before deleting any: if the
-/// removal is interrupted, the next run finds the rest by this label and finishes the job.
+/// Label that earlier versions of imagegc put on the last record of each image they were
+/// about to remove. Records still carrying it (an interrupted run of such a version) are
+/// finished like journal entries.
 pub const PENDING_LABEL: &str = "imagegc.dev/removal-pending";
+/// Label that makes a containerd lease an imagegc journal (its value is the format version).
+pub const JOURNAL_LABEL: &str = "imagegc.dev/removal-journal";
+/// Prefix of a journal's entry labels: `imagegc.dev/pending.<n>` = a record name.
+pub const JOURNAL_ENTRY_PREFIX: &str = "imagegc.dev/pending.";
+
+/// A removal journal: one containerd lease, written before a batch deletes anything, that
+/// names the last record of each image the batch is about to remove. If the batch is
+/// interrupted, the next run finds the rest through it and finishes the job. The lease holds
+/// no resources, so it keeps nothing alive; it is deleted once none of its records is left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Journal {
+    /// The lease ID.
+    pub id: String,
+    /// The record names it lists.
+    pub names: BTreeSet<String>,
+}
+
+impl Journal {
+    /// The journal a lease's labels describe, or `None` if they are not a journal's.
+    pub fn from_labels<'a>(
+        id: &str,
+        labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Option<Journal> {
+        let mut is_journal = false;
+        let mut names = BTreeSet::new();
+        for (key, value) in labels {
+            if key == JOURNAL_LABEL {
+                is_journal = true;
+            } else if key.starts_with(JOURNAL_ENTRY_PREFIX) {
+                names.insert(value.clone());
+            }
+        }
+        is_journal.then(|| Journal {
+            id: id.to_string(),
+            names,
+        })
+    }
+
+    /// The labels of a journal listing `names`.
+    pub fn labels<'a>(names: impl IntoIterator<Item = &'a String>) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([(JOURNAL_LABEL.to_string(), "v1".to_string())]);
+        for (i, name) in names.into_iter().enumerate() {
+            labels.insert(format!("{JOURNAL_ENTRY_PREFIX}{i}"), name.clone());
+        }
+        labels
+    }
+}
 
 /// One image record as containerd stores it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,11 +124,40 @@ pub struct Inventory {
     pub ref_to_id: BTreeMap<String, String>,
     /// Records that are not CRI images.
     pub skipped: Vec<Skipped>,
-    /// Names of records labelled [`PENDING_LABEL`]: an interrupted removal to finish.
+    /// Names of existing records an interrupted removal left to finish: listed in a
+    /// [`Journal`], or labelled [`PENDING_LABEL`] by an earlier version.
     pub pending: BTreeSet<String>,
+    /// Every journal found, finished or not (see [`Inventory::add_journals`]).
+    pub journals: Vec<Journal>,
 }
 
 impl Inventory {
+    /// Adds the journals found in the namespace: the names they list that still exist among
+    /// `records` become [`Inventory::pending`]. Names already gone are done.
+    pub fn add_journals(&mut self, journals: Vec<Journal>, records: &[ImageRecord]) {
+        let existing: BTreeSet<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        for journal in &journals {
+            self.pending.extend(
+                journal
+                    .names
+                    .iter()
+                    .filter(|n| existing.contains(n.as_str()))
+                    .cloned(),
+            );
+        }
+        self.journals.extend(journals);
+    }
+
+    /// Whether an interrupted removal left something to finish (pending records) or to clean
+    /// up (a journal whose records are all gone).
+    pub fn interrupted(&self) -> bool {
+        !self.pending.is_empty()
+            || self
+                .journals
+                .iter()
+                .any(|j| j.names.is_disjoint(&self.pending))
+    }
+
     /// Groups `records` into CRI images. `selections` holds, for each record name, the manifest
     /// selected for the node's platform or the reason none could be.
     pub fn build(
@@ -456,6 +533,56 @@ mod tests {
         );
         // Pending records are still part of their image.
         assert_eq!(inv.images[&digest(0xc1)].references.len(), 3);
+    }
+
+    #[test]
+    fn journals_make_their_existing_names_pending() {
+        let n = nginx();
+        let recs = records(&[
+            ("docker.io/library/nginx:1.25", &n, &[]),
+            ("docker.io/library/nginx:latest", &n, &[]),
+        ]);
+        let sel = selections(&recs, &[&n, &n]);
+        let mut inv = Inventory::build(&recs, &sel, &[]);
+        let open = Journal {
+            id: "j1".into(),
+            names: ["docker.io/library/nginx:latest".into(), "gone:1".into()].into(),
+        };
+        let done = Journal {
+            id: "j2".into(),
+            names: ["gone:2".into()].into(),
+        };
+        inv.add_journals(vec![open.clone(), done.clone()], &recs);
+        // Only names that still exist are left to finish; every journal is kept for cleanup.
+        assert_eq!(
+            inv.pending,
+            ["docker.io/library/nginx:latest".into()].into()
+        );
+        assert_eq!(inv.journals, vec![open, done]);
+        assert!(inv.interrupted());
+        // A finished journal alone still asks for a run (to delete it).
+        inv.pending.clear();
+        assert!(inv.interrupted());
+        inv.journals.clear();
+        assert!(!inv.interrupted());
+    }
+
+    #[test]
+    fn journal_labels_round_trip_and_other_leases_are_not_journals() {
+        let names: Vec<String> = strings(&["a:1", "sha256:x", "b@sha256:y"]);
+        let labels = Journal::labels(&names);
+        assert_eq!(labels.len(), 4);
+        assert_eq!(labels[JOURNAL_LABEL], "v1");
+        let j = Journal::from_labels("lease-1", &labels).unwrap();
+        assert_eq!(j.id, "lease-1");
+        assert_eq!(j.names, names.iter().cloned().collect());
+        // A lease without the journal label is someone else's, whatever else it carries.
+        let other: BTreeMap<String, String> =
+            [(format!("{JOURNAL_ENTRY_PREFIX}0"), "a:1".to_string())].into();
+        assert_eq!(Journal::from_labels("pull-lease", &other), None);
+        // An empty journal is still a journal (nothing left to finish; to delete).
+        let empty = Journal::labels(&Vec::<String>::new());
+        assert!(Journal::from_labels("j", &empty).unwrap().names.is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::core::inventory::{CriImage, Inventory};
+use crate::core::inventory::{CriImage, Inventory, Journal};
 use crate::core::resolve::{Resolution, resolve};
 
 /// What the caller asked for.
@@ -128,15 +128,22 @@ pub struct Plan {
     /// Record names to delete, in order. Per image the `sha256:<id>` record goes first and
     /// the other names follow in CRI order. Images left pending by an interrupted run come
     /// first of all, every remaining reference of each, its pending record last. The executor
-    /// labels [`Plan::marks`] before deleting anything, and makes the last delete synchronous
-    /// (one garbage collection per batch).
+    /// writes [`Plan::marks`] to a journal before deleting anything, deletes the marked and
+    /// pending records after all others, and makes the last delete synchronous (one garbage
+    /// collection per batch).
     pub deletes: Vec<String>,
-    /// The records to label pending before any delete: the last record of each image in
-    /// `deletes`. An interrupted run therefore leaves, for every image it had started, a
-    /// labelled record until the image's very last record is gone, and the next plan finds
-    /// the rest of the image through it — so nothing an interruption leaves is stranded, at
-    /// the cost of one label per image rather than one per record.
+    /// The records to list in the batch's journal before any delete: the last record of each
+    /// image in `deletes`. An interrupted run therefore leaves, for every image it had
+    /// started, a journalled record until the image's very last record is gone, and the next
+    /// plan finds the rest of the image through it, so nothing an interruption leaves is
+    /// stranded. The journal is one write per batch, not one per image.
     pub marks: Vec<String>,
+    /// The pending records (an interrupted run's marks) that this plan finishes; like
+    /// `marks`, each is deleted after every other record.
+    pub pending: Vec<String>,
+    /// The journals found (see [`Inventory::journals`]): the executor deletes each once
+    /// none of its records is left.
+    pub journals: Vec<Journal>,
     /// Which of `deletes` finish an earlier, interrupted removal.
     pub resumed: Vec<String>,
 }
@@ -159,7 +166,10 @@ fn delete_order<'a>(image: &'a CriImage, last: Option<&str>) -> Vec<&'a String> 
 /// Plans `request` against `inventory`.
 pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
     let ids = inventory.ids();
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        journals: inventory.journals.clone(),
+        ..Plan::default()
+    };
     let mut seen: BTreeSet<String> = BTreeSet::new();
     for name in &inventory.pending {
         if seen.contains(name) {
@@ -181,11 +191,13 @@ pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
                         plan.deletes.push(r.clone());
                     }
                 }
+                plan.pending.push(name.clone());
             }
             None => {
                 seen.insert(name.clone());
                 plan.resumed.push(name.clone());
                 plan.deletes.push(name.clone());
+                plan.pending.push(name.clone());
             }
         }
     }
@@ -491,6 +503,21 @@ mod tests {
             p.marks.is_empty(),
             "the pending record already carries the mark"
         );
+        assert_eq!(p.pending, strings(&["docker.io/library/nginx:1.25"]));
+    }
+
+    #[test]
+    fn journals_found_are_handed_to_the_executor() {
+        let mut inv = inventory(&[]);
+        let journal = Journal {
+            id: "imagegc-journal-1".into(),
+            names: ["docker.io/library/gone:1".to_string()].into(),
+        };
+        inv.journals.push(journal.clone());
+        let p = plan(&Request::default(), &inv);
+        // Its record is gone: nothing to delete, only the journal to clean up.
+        assert!(p.deletes.is_empty());
+        assert_eq!(p.journals, vec![journal]);
     }
 
     #[test]

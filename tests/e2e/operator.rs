@@ -293,14 +293,21 @@ impl Operator {
         Ok((built, tags))
     }
 
-    /// Records on node `i` that carry a pending mark.
+    /// Records on node `i` that carry a pending mark: listed in a removal journal (or
+    /// labelled pending, as earlier versions marked them).
     pub async fn pending_marks(&self, i: usize) -> Result<usize> {
         let rt = imagegc::containerd::Runtime::connect(&self.socket(i), NS).await?;
+        let journalled: BTreeSet<String> = rt
+            .list_journals()
+            .await?
+            .into_iter()
+            .flat_map(|j| j.names)
+            .collect();
         Ok(rt
             .list_images()
             .await?
             .iter()
-            .filter(|r| r.labels.contains_key(PENDING_LABEL))
+            .filter(|r| journalled.contains(&r.name) || r.labels.contains_key(PENDING_LABEL))
             .count())
     }
 
@@ -314,7 +321,7 @@ impl Operator {
     }
 
     /// Nothing of `built` (seeded under `prefix`) is left on node `i`: no record, no pending
-    /// mark, no content once the collector ran.
+    /// mark, no removal journal, no content once the collector ran.
     pub async fn assert_all_gone(
         &self,
         i: usize,
@@ -335,6 +342,11 @@ impl Operator {
             .map(|r| r.name.as_str())
             .collect();
         ensure!(left.is_empty(), "left on node {i}: {left:?}");
+        let journals = rt.list_journals().await?;
+        ensure!(
+            journals.is_empty(),
+            "journals left on node {i}: {journals:?}"
+        );
         image::force_gc(&socket, NS).await?;
         let content = image::content_digests(&socket, NS).await?;
         let leaked = built

@@ -452,7 +452,16 @@ async fn bad_input_changes_nothing(flavor: Flavor) -> Result<()> {
 
 /// An interrupted removal (records marked, some deleted, then the process died) is finished by
 /// the next run, whatever it was asked; the end state equals a clean CRI removal.
-async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
+/// How an interrupted run left its marks.
+#[derive(Clone, Copy)]
+enum Marks {
+    /// In a removal journal (a lease), as this version writes them.
+    Journal,
+    /// As a label on the record, as earlier versions wrote them.
+    Label,
+}
+
+async fn interrupted_removal_is_finished(flavor: Flavor, marks: Marks) -> Result<()> {
     let bed = nodes(flavor, 2).await?;
     let (ours, oracle) = (&bed.nodes[0].socket, &bed.nodes[1].socket);
     let a = ImageBuilder::new("a").layer_sizes(&[10_000]).build();
@@ -467,8 +476,9 @@ async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
         import(socket, &keep, &["docker.io/library/keep:1"]).await?;
         testbed::cri::wait_synced(socket, &[a.id(), keep.id()], &names).await?;
     }
-    // The first half of a run, as the executor does it: the plan's marks labelled, then the
-    // first two deletes (the ID record and one name) done before the "crash".
+    // The first half of a run, as the executor does it: the plan's marks journalled (or
+    // labelled), then the first two deletes (the ID record and one name) done before the
+    // "crash".
     let rt = Runtime::connect(ours, NS).await?;
     let inv = rt.inventory(&Matcher::only(Platform::host())).await?;
     let p = plan::plan(
@@ -480,8 +490,19 @@ async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
     );
     ensure!(p.marks.len() == 1 && p.deletes.len() == 4, "{p:?}");
     ensure!(p.deletes[0] == a.id(), "{p:?}");
-    for r in &p.marks {
-        rt.set_label(r, PENDING_LABEL, "true").await?;
+    match marks {
+        Marks::Journal => {
+            rt.create_journal(&p.marks).await?;
+            // And a journal of a run interrupted after its last delete: nothing left to
+            // delete, only the journal to clean up.
+            rt.create_journal(&["docker.io/library/long-gone:1".to_string()])
+                .await?;
+        }
+        Marks::Label => {
+            for r in &p.marks {
+                rt.set_label(r, PENDING_LABEL, "true").await?;
+            }
+        }
     }
     rt.delete_image(&p.deletes[0], false).await?;
     rt.delete_image(&p.deletes[1], false).await?;
@@ -489,6 +510,11 @@ async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
     let (code, out) = rmi(ours, &["docker.io/library/absent:1"])?;
     ensure!(code == 0, "exit {code}: {out}");
     ensure!(out.contains("finishing an interrupted removal"), "{out}");
+    let journals = rt.list_journals().await?;
+    ensure!(
+        journals.is_empty(),
+        "the finished journal is left: {journals:?}"
+    );
     let _ = testbed::cri::remove(oracle, names[0]).await?;
     let (o, c) = (state(ours, &[NS]).await?, state(oracle, &[NS]).await?);
     ensure!(
@@ -522,7 +548,11 @@ pub fn trials() -> Vec<Trial> {
         ));
         out.push(trial(
             format!("removal::{f}::interrupted_removal_is_finished"),
-            move || interrupted_removal_is_finished(flavor),
+            move || interrupted_removal_is_finished(flavor, Marks::Journal),
+        ));
+        out.push(trial(
+            format!("removal::{f}::interrupted_removal_of_an_earlier_version_is_finished"),
+            move || interrupted_removal_is_finished(flavor, Marks::Label),
         ));
     }
     out
