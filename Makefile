@@ -70,7 +70,7 @@ bench-operator: deps ## Operator latency, writes per removal and memory (agent, 
 	$(CARGO) build --release --bin imagegc
 	IMAGEGC_BIN=$(CARGO_TARGET_DIR)/release/imagegc $(CARGO) test --test e2e -- --ignored --nocapture bench::operator
 
-bench-remove: deps ## Time removing K images: imagegc vs a sequential CRI RemoveImage loop.
+bench-remove: deps ## Time removing K images: imagegc vs Eraser's CRI RemoveImage loop and the floor (10- and 100-image nodes).
 	$(CARGO) bench --bench remove
 
 bench-scale: deps ## N simulated nodes on the real API server, imagegc vs the naive per-node status (IMAGEGC_SCALE_NODES=100,1000).
