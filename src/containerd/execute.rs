@@ -57,7 +57,9 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
         }
         return Ok(done);
     }
-    // The journal goes first: from here on, an interruption leaves it for the next run.
+    // The journal goes first: from here on, an interruption leaves it for the next run. It
+    // is written alongside the first content listing; if that listing fails, the batch is
+    // committed all the same and the next run finishes it (re-checking pinned and in use).
     let (before, journal) = tokio::try_join!(rt.content_sizes(), async {
         match done.plan.marks.is_empty() {
             true => Ok(None),
