@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use containerd_client::services::v1::{
     DeleteImageRequest, GetImageRequest, Image, ListContainersRequest, ListContentRequest,
@@ -100,6 +101,9 @@ pub struct Runtime {
     namespace: MetadataValue<tonic::metadata::Ascii>,
     namespace_name: String,
     socket: PathBuf,
+    /// Selections of the last inventory, by target and platform (see
+    /// [`Runtime::inventory_and_records`]); shared by clones.
+    selections: Arc<Mutex<HashMap<String, Selection>>>,
 }
 
 fn valid_namespace(ns: &str) -> bool {
@@ -145,6 +149,7 @@ impl Runtime {
             namespace: namespace_value,
             namespace_name: namespace.to_string(),
             socket: socket.into(),
+            selections: Arc::default(),
         })
     }
 
@@ -280,10 +285,20 @@ impl Runtime {
         &self,
         matcher: &Matcher,
     ) -> Result<(Inventory, Vec<ImageRecord>), RuntimeError> {
-        let (records, containers, journals) = tokio::try_join!(
+        // Selections from the last inventory are reused while every blob they were read from
+        // is still present (one content listing instead of two reads per image): content is
+        // addressed by digest, so the same blobs select the same way.
+        let cache = std::mem::take(&mut *self.selections.lock().unwrap_or_else(|e| e.into_inner()));
+        let (records, containers, journals, present) = tokio::try_join!(
             self.list_images(),
             self.list_containers(),
-            self.list_journals()
+            self.list_journals(),
+            async {
+                match cache.is_empty() {
+                    true => Ok(BTreeMap::new()),
+                    false => self.content_sizes().await,
+                }
+            }
         )?;
         // Records with the same target (a tag, its digest name and its `sha256:<id>` record)
         // share one selection. Each target advances on its own: as soon as a blob it waits for
@@ -291,10 +306,16 @@ impl Runtime {
         // so reads of different depths overlap instead of waiting for each other level by level.
         let mut targets: Vec<(&Descriptor, Vec<&str>)> = Vec::new();
         let mut target_index: HashMap<String, usize> = HashMap::new();
+        let mut keys: Vec<String> = Vec::new();
         for record in &records {
-            let key = serde_json::to_string(&record.target).unwrap_or_default();
-            let i = *target_index.entry(key).or_insert_with(|| {
+            let key = format!(
+                "{:?}|{}",
+                matcher,
+                serde_json::to_string(&record.target).unwrap_or_default()
+            );
+            let i = *target_index.entry(key.clone()).or_insert_with(|| {
                 targets.push((&record.target, Vec::new()));
+                keys.push(key);
                 targets.len() - 1
             });
             targets[i].1.push(&record.name);
@@ -303,7 +324,15 @@ impl Runtime {
         let mut missing: BTreeSet<String> = BTreeSet::new();
         let mut selected: Vec<Option<Result<Selection, String>>> = vec![None; targets.len()];
         let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut ready: Vec<usize> = (0..targets.len()).collect();
+        let mut ready: Vec<usize> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            match cache.get(key) {
+                Some(sel) if sel.read_from().all(|d| present.contains_key(d)) => {
+                    selected[i] = Some(Ok(sel.clone()));
+                }
+                _ => ready.push(i),
+            }
+        }
         let mut queue: Vec<String> = Vec::new();
         let mut reads = futures::stream::FuturesUnordered::new();
         loop {
@@ -339,6 +368,14 @@ impl Runtime {
             }
             ready.extend(waiting.remove(&digest).unwrap_or_default());
         }
+        // Keep what this inventory selected (and only that: images gone leave the cache).
+        let mut next_cache = HashMap::new();
+        for (key, selection) in keys.iter().zip(&selected) {
+            if let Some(Ok(sel)) = selection {
+                next_cache.insert(key.clone(), sel.clone());
+            }
+        }
+        *self.selections.lock().unwrap_or_else(|e| e.into_inner()) = next_cache;
         let mut selections: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
         for ((_, names), selection) in targets.iter().zip(selected) {
             let Some(selection) = selection else { continue };

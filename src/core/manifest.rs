@@ -173,6 +173,16 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// The blobs the selection was read from: the indexes walked, the manifest and the
+    /// config (never the layers). Content is addressed by digest, so while all of these are
+    /// present, selecting the same target for the same platform gives the same result.
+    pub fn read_from(&self) -> impl Iterator<Item = &str> {
+        self.indexes
+            .iter()
+            .chain([&self.manifest, &self.config])
+            .map(|d| d.digest.as_str())
+    }
+
     /// The CRI image ID: the config digest.
     pub fn id(&self) -> &str {
         &self.config.digest

@@ -775,6 +775,19 @@ pub async fn delete_image(socket: &Path, namespace: &str, name: &str, sync: bool
     Ok(())
 }
 
+/// Deletes the content blob `digest` from `namespace`, whatever references it (as
+/// `ctr content rm` does): the records pointing at it stop reading as images.
+pub async fn delete_content(socket: &Path, namespace: &str, digest: &str) -> Result<()> {
+    let req = containerd_client::services::v1::DeleteContentRequest {
+        digest: digest.to_string(),
+    };
+    ContentClient::new(connect(socket).await?)
+        .delete(request(req, namespace, None)?)
+        .await
+        .with_context(|| format!("deleting content {digest}"))?;
+    Ok(())
+}
+
 /// Forces a synchronous containerd GC (creates a lease and deletes it with `sync: true`).
 pub async fn force_gc(socket: &Path, namespace: &str) -> Result<()> {
     let channel = connect(socket).await?;

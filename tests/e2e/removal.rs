@@ -417,6 +417,70 @@ async fn in_use_is_kept_unless_forced(flavor: Flavor) -> Result<()> {
     Ok(())
 }
 
+/// A long-lived connection (the agent's) reuses the last inventory's selections only while
+/// every blob they were read from is present: after an image's config is deleted, its warm
+/// inventory equals a fresh connection's, and the image no longer reads as one.
+async fn warm_inventory_equals_a_fresh_one(flavor: Flavor) -> Result<()> {
+    let bed = nodes(flavor, 1).await?;
+    let socket = &bed.nodes[0].socket;
+    let a = ImageBuilder::new("warm-a").build();
+    let b = ImageBuilder::new("warm-b")
+        .platforms(&["linux/amd64", "linux/arm64"])
+        .build();
+    import(
+        socket,
+        &a,
+        &["docker.io/library/a:1", "docker.io/library/a:2"],
+    )
+    .await?;
+    import(socket, &b, &["docker.io/library/b:1"]).await?;
+    testbed::cri::wait_synced(
+        socket,
+        &[a.id(), b.id()],
+        &[
+            "docker.io/library/a:1",
+            "docker.io/library/a:2",
+            "docker.io/library/b:1",
+        ],
+    )
+    .await?;
+    let matcher = Matcher::only(Platform::host());
+    let warm = Runtime::connect(socket, NS).await?;
+    let first = warm.inventory(&matcher).await?;
+    ensure!(first.images.contains_key(&a.id()), "{first:#?}");
+    let fresh = || async {
+        Runtime::connect(socket, NS)
+            .await?
+            .inventory(&matcher)
+            .await
+    };
+    ensure!(
+        warm.inventory(&matcher).await? == fresh().await?,
+        "warm differs from fresh"
+    );
+
+    image::delete_content(socket, NS, &a.id()).await?;
+    let (w, f) = (warm.inventory(&matcher).await?, fresh().await?);
+    ensure!(
+        w == f,
+        "after the config went, warm differs from fresh\n warm: {w:#?}\nfresh: {f:#?}"
+    );
+    ensure!(
+        !w.images.contains_key(&a.id()),
+        "a still reads as an image: {w:#?}"
+    );
+    ensure!(
+        w.skipped
+            .iter()
+            .filter(|s| s.name.starts_with("docker.io/library/a:"))
+            .count()
+            == 2,
+        "{w:#?}"
+    );
+    ensure!(w.images.len() == first.images.len() - 1, "{w:#?}");
+    Ok(())
+}
+
 async fn bad_input_changes_nothing(flavor: Flavor) -> Result<()> {
     let bed = nodes(flavor, 1).await?;
     let socket = &bed.nodes[0].socket;
@@ -545,6 +609,10 @@ pub fn trials() -> Vec<Trial> {
         out.push(trial(
             format!("removal::{f}::bad_input_changes_nothing"),
             move || bad_input_changes_nothing(flavor),
+        ));
+        out.push(trial(
+            format!("removal::{f}::warm_inventory_equals_a_fresh_one"),
+            move || warm_inventory_equals_a_fresh_one(flavor),
         ));
         out.push(trial(
             format!("removal::{f}::interrupted_removal_is_finished"),
