@@ -307,10 +307,11 @@ impl Runtime {
         let mut targets: Vec<(&Descriptor, Vec<&str>)> = Vec::new();
         let mut target_index: HashMap<String, usize> = HashMap::new();
         let mut keys: Vec<String> = Vec::new();
+        // Selections depend on the target and the platform: the cache key holds both.
+        let platform = format!("{matcher:?}");
         for record in &records {
             let key = format!(
-                "{:?}|{}",
-                matcher,
+                "{platform}|{}",
                 serde_json::to_string(&record.target).unwrap_or_default()
             );
             let i = *target_index.entry(key.clone()).or_insert_with(|| {
