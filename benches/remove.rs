@@ -401,6 +401,7 @@ async fn imagegc_remove(
         &Request {
             images: ids.to_vec(),
             force: false,
+            ..Default::default()
         },
         &inv,
     );

@@ -156,6 +156,8 @@ impl SimNode {
             image_fs: self.socket.clone(),
             prune_max_jitter_seconds: jitter,
             watermark_check_seconds: Duration::from_secs(30),
+            prune_min_image_age_seconds: 0,
+            allow_force: false,
         }
     }
 }
@@ -901,6 +903,7 @@ async fn naive_agent(
             &Request {
                 images,
                 force: false,
+                ..Default::default()
             },
             &inventory,
         );

@@ -177,7 +177,14 @@ pub async fn rmi(
     let rt = Runtime::connect(&target.socket, &target.namespace).await?;
     let matcher = target.matcher();
     let inv = rt.inventory(&matcher).await?;
-    let plan = plan::plan(&Request { images, force }, &inv);
+    let plan = plan::plan(
+        &Request {
+            images,
+            force,
+            ..Default::default()
+        },
+        &inv,
+    );
     let mut ok = true;
     let verb = if dry_run { "would remove" } else { "removed" };
     for item in &plan.items {

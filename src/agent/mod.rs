@@ -11,6 +11,7 @@
 //! engine's plan resumes records marked pending).
 
 mod metrics;
+pub mod pods;
 pub mod policies;
 pub mod report;
 
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -40,7 +41,7 @@ use crate::core::inventory::{ImageRecord, Inventory};
 use crate::core::last_used;
 use crate::core::plan::{self, Request};
 use crate::core::platform::{Matcher, Platform};
-use crate::core::prune::Protections;
+use crate::core::prune::{Protected, Protections};
 use crate::core::reference;
 use crate::events::{Publisher, Severity};
 use crate::serve::{self, Health, LogFormat, Shutdown};
@@ -96,9 +97,19 @@ pub struct AgentArgs {
     /// How often the image filesystem's usage is compared with the watermarks.
     #[arg(long, value_parser = parse_seconds, default_value = "30")]
     pub watermark_check_seconds: Duration,
+    /// No policy chooses an image created (or first seen) less than this many seconds ago, as
+    /// the kubelet's `imageMinimumGCAge`: a freshly pulled image is about to be used.
+    #[arg(long, default_value = "120")]
+    pub prune_min_image_age_seconds: u32,
+    /// Allow ImageRemovals with `force: true` to remove images that containers use. Off by
+    /// default: a forced request is then refused on this node, with the reason in its report.
+    /// Protected and pinned images are never removed, forced or not.
+    #[arg(long, env = "IMAGEGC_ALLOW_FORCE")]
+    pub allow_force: bool,
 }
 
-/// The protections of `args`: its globs, and its own image's repository.
+/// The protections of `args`: its globs, its own image's repository, and the minimum image
+/// age of policies. A bad glob stops the agent at start, not at the first run.
 pub fn protections(args: &AgentArgs) -> Result<Protections, String> {
     let mut exclude = args.protect.clone();
     if let Some(own) = args.own_image.as_deref().filter(|s| !s.is_empty()) {
@@ -109,14 +120,11 @@ pub fn protections(args: &AgentArgs) -> Result<Protections, String> {
         exclude.push(format!("{name}@*"));
     }
     // Compiles the globs: a bad one stops the agent at start, not at the first run.
-    crate::core::prune::Selector::new(
-        &Default::default(),
-        &Protections {
-            exclude: exclude.clone(),
-        },
-    )
-    .map_err(|e| format!("--protect: {e}"))?;
-    Ok(Protections { exclude })
+    Protected::new(&exclude).map_err(|e| format!("--protect: {e}"))?;
+    Ok(Protections {
+        exclude,
+        min_image_age: i64::from(args.prune_min_image_age_seconds),
+    })
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -205,6 +213,8 @@ async fn run_node(
     shutdown: Shutdown,
 ) -> Result<(), AgentError> {
     let protections = protections(args).map_err(AgentError::Flags)?;
+    let protected = Protected::new(&protections.exclude)
+        .map_err(|e| AgentError::Flags(format!("--protect: {e}")))?;
     let changed = Arc::new(Notify::new());
     let policies = watch(
         crate::watch::tolerant::<ImagePrunePolicy>(client.clone(), watcher::Config::default()),
@@ -225,6 +235,18 @@ async fn run_node(
         shutdown.clone(),
     );
 
+    // The node's own pods: read when a removal or policy runs, so their changes (frequent:
+    // every status update) wake nothing.
+    let pods = watch(
+        watcher(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name)),
+        )
+        .modify(pods::slim),
+        Arc::new(Notify::new()),
+        shutdown.clone(),
+    );
+
     let stamp_due = Arc::new(AtomicBool::new(false));
     tokio::spawn(follow_container_creations(
         args.socket.clone(),
@@ -242,6 +264,7 @@ async fn run_node(
         namespace: args.namespace.clone(),
         matcher: Matcher::only(Platform::host()),
         runtime: None,
+        pods: pods.clone(),
         entries: Vec::new(),
         done: HashSet::new(),
         created: false,
@@ -255,6 +278,8 @@ async fn run_node(
         policy_entries: Vec::new(),
         planned: HashMap::new(),
         protections,
+        protected,
+        allow_force: args.allow_force,
         image_fs: args.image_fs.clone(),
         image_fs_ok: true,
         policy_failing: HashMap::new(),
@@ -277,7 +302,13 @@ async fn run_node(
         _ = async {
             // Not the policies: without their CRD (an upgrade that skipped it) removals must
             // still work; policies are evaluated once their watch has listed.
-            tokio::join!(removals.wait_until_ready(), nodes.wait_until_ready())
+            // The pods too: until they are listed, an image a pod is about to start would
+            // look unused.
+            tokio::join!(
+                removals.wait_until_ready(),
+                nodes.wait_until_ready(),
+                pods.wait_until_ready()
+            )
         } => {}
     }
     tracing::info!("watches synced");
@@ -400,6 +431,8 @@ struct Agent {
     namespace: String,
     matcher: Matcher,
     runtime: Option<Runtime>,
+    /// The node's own pods (slimmed): their images count as in use.
+    pods: Store<Pod>,
     /// The report's removal entries as last written.
     entries: Vec<RemovalResult>,
     /// Every execution finished by this process or found in the report at start. Entries can
@@ -422,6 +455,10 @@ struct Agent {
     planned: HashMap<String, policies::Planned>,
     /// What no policy may remove.
     protections: Protections,
+    /// The protection globs, compiled: what no removal may take, forced or not.
+    protected: Protected,
+    /// Whether forced removals are enabled on this node.
+    allow_force: bool,
     /// A directory on the image filesystem (watermarks).
     image_fs: std::path::PathBuf,
     /// Whether the last read of its usage worked (logs only the transitions).
@@ -483,6 +520,7 @@ impl Agent {
         self.warned_node_missing = false;
         let labels: BTreeMap<String, String> = node.labels().clone();
         let node_uid = node.uid().unwrap_or_default();
+        let node_excluded = report::node_excluded(&labels);
 
         let mut all = removals.state();
         all.sort_by(|a, b| {
@@ -521,7 +559,7 @@ impl Agent {
 
         let mut changed = false;
         for (key, removal) in pending {
-            match self.execute(&key, &removal).await {
+            match self.execute(&key, &removal, node_excluded).await {
                 Ok(result) => {
                     self.retries.remove(&key.uid);
                     self.done.insert(key.clone());
@@ -575,7 +613,13 @@ impl Agent {
             }
         }
 
-        // Entries of deleted (or re-created) removals go.
+        // Entries of deleted (or re-created) removals go, from the report and from memory:
+        // a removal that no longer exists cannot run again, so nothing needs to remember it.
+        self.done
+            .retain(|k| live.contains(&(k.name.clone(), k.uid.clone())));
+        let live_uids: HashSet<&str> = live.iter().map(|(_, uid)| uid.as_str()).collect();
+        self.retries
+            .retain(|uid, _| live_uids.contains(uid.as_str()));
         let pruned = report::merge(&self.entries, None, &live);
         if pruned != self.entries {
             self.entries = pruned;
@@ -636,12 +680,14 @@ impl Agent {
         Ok(rt)
     }
 
-    /// Reads the node's images (and the records they were built from); a failure marks the
-    /// agent not ready.
+    /// Reads the node's images (and the records they were built from), the images of the
+    /// node's pods counting as in use; a failure marks the agent not ready.
     async fn inventory(&mut self) -> Result<(Inventory, Vec<ImageRecord>), RuntimeError> {
         let result = async {
             let rt = self.runtime().await?;
-            rt.inventory_and_records(&self.matcher).await
+            let (mut inv, records) = rt.inventory_and_records(&self.matcher).await?;
+            pods::mark_in_use(&mut inv, self.pods.state().iter().map(|p| &**p));
+            Ok((inv, records))
         }
         .await;
         let ok = result.is_ok();
@@ -732,15 +778,20 @@ impl Agent {
         &mut self,
         key: &Key,
         removal: &ImageRemoval,
+        node_excluded: bool,
     ) -> Result<RemovalResult, RuntimeError> {
         let spec = &removal.spec;
-        if let Some(reason) = report::refuse(&spec.images) {
-            tracing::warn!(removal = %key.name, reason, "removal refused");
+        let allowed = report::Allowed {
+            force: self.allow_force,
+            node_excluded,
+        };
+        if let Some(refusal) = report::refusal(&spec.images, spec.force, allowed) {
+            tracing::warn!(removal = %key.name, outcome = refusal.outcome, reason = %refusal.reason, "removal refused");
             return Ok(report::refused(
                 key,
                 &spec.images,
                 spec.dry_run,
-                &reason,
+                &refusal,
                 now(),
             ));
         }
@@ -750,6 +801,7 @@ impl Agent {
             &Request {
                 images: spec.images.clone(),
                 force: spec.force,
+                protected: self.protected.clone(),
             },
             &inv,
         );

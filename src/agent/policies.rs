@@ -268,8 +268,10 @@ impl Agent {
             self.watermark_due = Instant::now() + self.watermark_check;
         }
         let mut planned: HashMap<String, Planned> = HashMap::new();
+        // A node that opted out runs no policy.
+        let excluded = report::node_excluded(labels);
         for policy in &all {
-            if policy.metadata.deletion_timestamp.is_some() {
+            if excluded || policy.metadata.deletion_timestamp.is_some() {
                 continue;
             }
             match report::targets(policy.spec.node_selector.as_ref(), labels) {
@@ -410,6 +412,10 @@ impl Agent {
             *next = (*next).min(self.watermark_due);
         }
         self.planned = planned;
+        // A deleted policy's failure streak goes with it: memory stays flat as policies come
+        // and go.
+        let uids: std::collections::HashSet<String> = all.iter().filter_map(|p| p.uid()).collect();
+        self.policy_failing.retain(|uid, _| uids.contains(uid));
         let pruned = merge(&self.policy_entries, None, &live);
         if pruned != self.policy_entries {
             self.policy_entries = pruned;
@@ -488,6 +494,7 @@ impl Agent {
                 &Request {
                     images: choice.chosen.iter().map(|c| c.id.clone()).collect(),
                     force: false,
+                    protected: self.protected.clone(),
                 },
                 &inv,
             );

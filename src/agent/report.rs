@@ -52,27 +52,78 @@ pub fn is_done(removals: &[RemovalResult], key: &Key) -> bool {
         .any(|r| r.name == key.name && r.uid == key.uid && r.generation == key.generation)
 }
 
-/// Checks what the API server's schema already checks, for objects written before it did.
-/// `Some(reason)` means the request is refused as a whole.
-pub fn refuse(images: &[String]) -> Option<String> {
+/// Node label by which a node opts out of imagegc: with the value `"true"`, no removal and
+/// no policy touches its images, forced or not.
+pub const EXCLUDE_LABEL: &str = "imagegc.dev/exclude";
+
+/// Whether a node labelled `labels` opted out (see [`EXCLUDE_LABEL`]).
+pub fn node_excluded(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(EXCLUDE_LABEL).is_some_and(|v| v == "true")
+}
+
+/// Why a removal is refused as a whole on a node, before anything is read or removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The outcome every image of the removal gets (`Protected`, `ForceNotAllowed`,
+    /// `Invalid`).
+    pub outcome: &'static str,
+    /// Why, in words a user can act on.
+    pub reason: String,
+}
+
+/// What this node's agent allows, whatever a request asks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allowed {
+    /// Forced removals (of images in use) are enabled (`--allow-force`).
+    pub force: bool,
+    /// The node opted out ([`EXCLUDE_LABEL`]).
+    pub node_excluded: bool,
+}
+
+/// Whether a removal of `images` (with `force`) is refused as a whole on this node: the node
+/// opted out, the request is malformed (what the API server's schema already checks, for
+/// objects written before it did), or it is forced where forcing is not enabled — never
+/// silently run as unforced, so the user learns why an image they forced is still there.
+pub fn refusal(images: &[String], force: bool, allowed: Allowed) -> Option<Refusal> {
+    let refuse = |outcome, reason: String| Some(Refusal { outcome, reason });
+    if allowed.node_excluded {
+        return refuse(
+            "Protected",
+            format!(
+                "this node opted out of imagegc (label {EXCLUDE_LABEL}=true); nothing is removed here"
+            ),
+        );
+    }
     if images.is_empty() {
-        return Some("the removal names no images".into());
+        return refuse("Invalid", "the removal names no images".into());
     }
     if images.len() > MAX_IMAGES {
-        return Some(format!(
-            "the removal names {} images; at most {MAX_IMAGES} are allowed",
-            images.len()
-        ));
+        return refuse(
+            "Invalid",
+            format!(
+                "the removal names {} images; at most {MAX_IMAGES} are allowed",
+                images.len()
+            ),
+        );
+    }
+    if force && !allowed.force {
+        return refuse(
+            "ForceNotAllowed",
+            "force: true is not allowed: forced removals are disabled on this cluster (the \
+             chart value agent.allowForce, the agent flag --allow-force); nothing was removed. \
+             Remove force to keep in-use images, or ask the cluster's operator to enable it"
+                .into(),
+        );
     }
     None
 }
 
-/// The report entry for a removal that was refused as a whole (see [`refuse`]).
+/// The report entry for a removal that was refused as a whole (see [`refusal`]).
 pub fn refused(
     key: &Key,
     images: &[String],
     dry_run: bool,
-    reason: &str,
+    refusal: &Refusal,
     now: Time,
 ) -> RemovalResult {
     RemovalResult {
@@ -88,8 +139,8 @@ pub fn refused(
             .take(MAX_IMAGES)
             .map(|image| ImageResult {
                 image: truncate(image, MAX_MESSAGE),
-                outcome: "Invalid".into(),
-                message: truncate(reason, MAX_MESSAGE),
+                outcome: refusal.outcome.into(),
+                message: truncate(&refusal.reason, MAX_MESSAGE),
                 ..Default::default()
             })
             .collect(),
@@ -121,7 +172,9 @@ pub fn result(key: &Key, plan: &Plan, dry_run: bool, bytes_freed: i64, now: Time
                     };
                     (outcome, Some(id.clone()), references.clone())
                 }
-                Outcome::InUse { id, .. } | Outcome::Pinned { id } => {
+                Outcome::InUse { id, .. }
+                | Outcome::Pinned { id }
+                | Outcome::Protected { id, .. } => {
                     (item.outcome.kind(), Some(id.clone()), Vec::new())
                 }
                 other => (other.kind(), None, Vec::new()),
@@ -440,13 +493,53 @@ mod tests {
 
     #[test]
     fn refusal_covers_what_the_schema_should_have_caught() {
-        assert!(refuse(&[]).is_some());
+        let ok = Allowed::default();
+        assert_eq!(refusal(&[], false, ok).unwrap().outcome, "Invalid");
         let many: Vec<String> = (0..=MAX_IMAGES).map(|i| format!("i{i}")).collect();
-        assert!(refuse(&many).unwrap().contains("at most 100"));
-        assert!(refuse(&["nginx".into()]).is_none());
-        let r = refused(&key("x", 1), &many, false, "too many", at(1));
+        let too_many = refusal(&many, false, ok).unwrap();
+        assert!(too_many.reason.contains("at most 100"));
+        assert!(refusal(&["nginx".into()], false, ok).is_none());
+        let r = refused(&key("x", 1), &many, false, &too_many, at(1));
         assert_eq!(r.images.len(), MAX_IMAGES);
         assert_eq!(r.phase, RemovalPhase::Failed);
+        assert!(r.images.iter().all(|i| i.outcome == "Invalid"));
+    }
+
+    #[test]
+    fn force_is_refused_unless_allowed_and_never_downgraded() {
+        let images = vec!["nginx".to_string(), "redis".to_string()];
+        let denied = refusal(&images, true, Allowed::default()).unwrap();
+        assert_eq!(denied.outcome, "ForceNotAllowed");
+        assert!(
+            denied.reason.contains("agent.allowForce"),
+            "{}",
+            denied.reason
+        );
+        let r = refused(&key("x", 1), &images, false, &denied, at(1));
+        assert_eq!(r.phase, RemovalPhase::Failed);
+        assert!(r.images.iter().all(|i| i.outcome == "ForceNotAllowed"));
+        let allowed = Allowed {
+            force: true,
+            node_excluded: false,
+        };
+        assert!(refusal(&images, true, allowed).is_none());
+        assert!(refusal(&images, false, Allowed::default()).is_none());
+    }
+
+    #[test]
+    fn an_opted_out_node_refuses_everything() {
+        assert!(node_excluded(&labels(&[(EXCLUDE_LABEL, "true")])));
+        assert!(!node_excluded(&labels(&[(EXCLUDE_LABEL, "false")])));
+        assert!(!node_excluded(&labels(&[])));
+        let excluded = Allowed {
+            force: true,
+            node_excluded: true,
+        };
+        for force in [false, true] {
+            let r = refusal(&["nginx".into()], force, excluded).unwrap();
+            assert_eq!(r.outcome, "Protected");
+            assert!(r.reason.contains(EXCLUDE_LABEL));
+        }
     }
 
     #[test]
@@ -609,10 +702,12 @@ mod properties {
             let _ = targets(sel.as_ref(), &node_labels);
             let key = Key { name: "r".into(), uid: "u".into(), generation: 1 };
             let now = Time(Timestamp::from_second(1).unwrap());
-            let result = match refuse(&images) {
-                Some(reason) => refused(&key, &images, dry_run, &reason, now),
+            let allowed = Allowed { force: true, node_excluded: false };
+            let result = match refusal(&images, force, allowed) {
+                Some(refusal) => refused(&key, &images, dry_run, &refusal, now),
                 None => {
-                    let p = plan(&Request { images: images.clone(), force }, &inventory());
+                    let request = Request { images: images.clone(), force, ..Default::default() };
+                    let p = plan(&request, &inventory());
                     // Nothing pinned is ever planned for deletion.
                     let pinned_id = format!("sha256:{:064x}", 2);
                     let touches_pinned = p

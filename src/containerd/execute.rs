@@ -161,7 +161,12 @@ async fn delete_batch(
         rest.iter().partition(|n| !marked.contains(*n));
     for phase in [unmarked, marks] {
         for chunk in phase.chunks(DELETE_CONCURRENCY) {
-            let calls: Vec<_> = chunk.iter().map(|n| rt.delete_image(n, false)).collect();
+            // A loop, not a closure: a closure over `&&String` makes the caller's future
+            // fail the `Send` check for every lifetime (a rustc limitation).
+            let mut calls = Vec::with_capacity(chunk.len());
+            for name in chunk {
+                calls.push(rt.delete_image(name, false));
+            }
             let existed = try_join_all(calls).await?;
             for (name, existed) in chunk.iter().zip(existed) {
                 record(done, name, existed);

@@ -397,8 +397,11 @@ struct Context {
     reports: Store<NodeImageReport>,
     /// When each removal's status was last written (by UID): the write rate limit.
     last_write: Mutex<HashMap<String, Instant>>,
-    /// Consecutive failed reconciles per removal (by name): the backoff.
+    /// Consecutive failed reconciles per removal (by name): the backoff. Only failing
+    /// removals that still exist are kept (see [`Context::forget_gone`]).
     failures: Mutex<HashMap<String, u32>>,
+    /// Every ImageRemoval, to forget what belonged to deleted ones.
+    removals: Store<ImageRemoval>,
     status_debounce: Duration,
     status_debounce_per_node: Duration,
 }
@@ -545,6 +548,7 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
         reports,
         last_write: Mutex::default(),
         failures: Mutex::default(),
+        removals: removals.clone(),
         status_debounce: leader.status_debounce,
         status_debounce_per_node: leader.status_debounce_per_node,
     });
@@ -669,6 +673,7 @@ async fn reconcile_one(
         ctx.metrics.reconciled("ok");
         lock(&ctx.failures).remove(&removal.name_any());
     }
+    ctx.forget_gone();
     result
 }
 
@@ -771,6 +776,13 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
 }
 
 impl Context {
+    /// Drops the failure counts of removals that were deleted: a deleted object is never
+    /// reconciled again, so nothing else would. The map holds only failing removals, so this
+    /// is cheap.
+    fn forget_gone(&self) {
+        lock(&self.failures).retain(|name, _| self.removals.get(&ObjectRef::new(name)).is_some());
+    }
+
     /// How long to wait before this removal's status may be written again, if at all, when
     /// writes must be `interval` apart.
     fn write_wait(&self, uid: &str, interval: Duration) -> Option<Duration> {

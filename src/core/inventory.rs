@@ -241,6 +241,23 @@ impl Inventory {
         }
     }
 
+    /// Marks the image that `image` names (a pod's image string: a reference or an ID) as
+    /// used by `user`, resolved as a container's image is. An image not on the node is
+    /// ignored; a user is listed once per image.
+    pub fn mark_used_by(&mut self, user: &str, image: &str) {
+        let container = ContainerRecord {
+            id: user.to_string(),
+            image: image.to_string(),
+            image_ref: None,
+        };
+        if let Some(id) = self.image_of_container(&container)
+            && let Some(found) = self.images.get_mut(&id)
+            && !found.used_by.iter().any(|u| u == user)
+        {
+            found.used_by.push(user.to_string());
+        }
+    }
+
     /// Every image ID.
     pub fn ids(&self) -> BTreeSet<String> {
         self.images.keys().cloned().collect()

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use crate::core::inventory::{CriImage, Inventory, Journal};
+use crate::core::prune::Protected;
 use crate::core::resolve::{Resolution, resolve};
 
 /// What the caller asked for.
@@ -12,8 +13,10 @@ use crate::core::resolve::{Resolution, resolve};
 pub struct Request {
     /// Image IDs, short IDs or references, as a user typed them.
     pub images: Vec<String>,
-    /// Remove images that containers use (pinned images are never removed).
+    /// Remove images that containers use (pinned and protected images are never removed).
     pub force: bool,
+    /// Images no request may remove, forced or not (the agent's protection globs).
+    pub protected: Protected,
 }
 
 /// The decision for one requested string.
@@ -44,6 +47,16 @@ pub enum Outcome {
         /// The image ID.
         id: String,
     },
+    /// A reference of the image (or its ID) matches one of the agent's protection globs: it
+    /// is never removed, forced or not.
+    Protected {
+        /// The image ID.
+        id: String,
+        /// The matching reference (or the ID).
+        reference: String,
+        /// The glob it matches.
+        glob: String,
+    },
     /// The string is not an image ID or reference; nothing is touched.
     Invalid {
         /// Why, in words.
@@ -64,6 +77,7 @@ impl Outcome {
             Outcome::NotPresent => "NotPresent",
             Outcome::InUse { .. } => "InUse",
             Outcome::Pinned { .. } => "Pinned",
+            Outcome::Protected { .. } => "Protected",
             Outcome::Invalid { .. } => "Invalid",
             Outcome::Ambiguous { .. } => "Ambiguous",
         }
@@ -99,6 +113,15 @@ impl fmt::Display for Outcome {
             Outcome::Pinned { id } => write!(
                 f,
                 "image {id} is pinned by the container runtime (e.g. the sandbox image); never removed"
+            ),
+            Outcome::Protected {
+                id,
+                reference,
+                glob,
+            } => write!(
+                f,
+                "image {id} is protected ({reference} matches the agent's protection glob {glob}); \
+                 never removed, forced or not"
             ),
             Outcome::Invalid { reason } => write!(f, "invalid: {reason}"),
             Outcome::Ambiguous { candidates } => write!(
@@ -163,6 +186,47 @@ fn delete_order<'a>(image: &'a CriImage, last: Option<&str>) -> Vec<&'a String> 
     order
 }
 
+/// The outcome for `image`, found on the node: kept (pinned, protected, or in use without
+/// `force`), or removed, its deletes (those not `seen` yet) and its mark appended to `plan`.
+fn decide(
+    request: &Request,
+    image: &CriImage,
+    seen: &mut BTreeSet<String>,
+    plan: &mut Plan,
+) -> Outcome {
+    let id = image.id.clone();
+    if image.pinned {
+        return Outcome::Pinned { id };
+    }
+    if let Some((reference, glob)) = request.protected.matching(&image.id, &image.references) {
+        return Outcome::Protected {
+            id,
+            reference,
+            glob,
+        };
+    }
+    if !image.used_by.is_empty() && !request.force {
+        return Outcome::InUse {
+            id,
+            used_by: image.used_by.clone(),
+        };
+    }
+    let mut last_new = None;
+    for r in delete_order(image, None) {
+        if seen.insert(r.clone()) {
+            plan.deletes.push(r.clone());
+            last_new = Some(r.clone());
+        }
+    }
+    plan.marks.extend(last_new);
+    Outcome::Remove {
+        id,
+        references: image.references.clone(),
+        size: image.size,
+        used_by: image.used_by.clone(),
+    }
+}
+
 /// Plans `request` against `inventory`.
 pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
     let ids = inventory.ids();
@@ -176,14 +240,20 @@ pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
             continue;
         }
         // The whole image the pending record belongs to, the pending record last; a record
-        // that no longer reads as an image goes alone. An image that became pinned or used
-        // since is protected like any other: it waits for a request that may remove it.
+        // that no longer reads as an image goes alone. An image that became pinned, used or
+        // protected since is kept like any other: it waits for a request that may remove it.
         match inventory
             .images
             .values()
             .find(|i| i.references.contains(name))
         {
-            Some(image) if image.pinned || !image.used_by.is_empty() => {}
+            Some(image)
+                if image.pinned
+                    || !image.used_by.is_empty()
+                    || request
+                        .protected
+                        .matching(&image.id, &image.references)
+                        .is_some() => {}
             Some(image) => {
                 for r in delete_order(image, Some(name)) {
                     if seen.insert(r.clone()) {
@@ -210,27 +280,7 @@ pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
             Ok(Resolution::Ambiguous(candidates)) => Outcome::Ambiguous { candidates },
             Ok(Resolution::Found(id)) => match inventory.images.get(&id) {
                 None => Outcome::NotPresent,
-                Some(image) if image.pinned => Outcome::Pinned { id },
-                Some(image) if !image.used_by.is_empty() && !request.force => Outcome::InUse {
-                    id,
-                    used_by: image.used_by.clone(),
-                },
-                Some(image) => {
-                    let mut last_new = None;
-                    for r in delete_order(image, None) {
-                        if seen.insert(r.clone()) {
-                            plan.deletes.push(r.clone());
-                            last_new = Some(r.clone());
-                        }
-                    }
-                    plan.marks.extend(last_new);
-                    Outcome::Remove {
-                        id,
-                        references: image.references.clone(),
-                        size: image.size,
-                        used_by: image.used_by.clone(),
-                    }
-                }
+                Some(image) => decide(request, image, &mut seen, &mut plan),
             },
         };
         plan.items.push(Item {
@@ -327,6 +377,7 @@ mod tests {
         Request {
             images: strings(images),
             force,
+            ..Default::default()
         }
     }
 
@@ -415,6 +466,71 @@ mod tests {
             assert_eq!(outcomes(&p), vec![&pinned, &pinned], "force {force}");
             assert!(p.deletes.is_empty(), "force {force}");
         }
+    }
+
+    #[test]
+    fn protected_is_never_removed_even_forced_or_by_id() {
+        let inv = inventory(&[]);
+        let protected = Protected::new(&strings(&["docker.io/library/redis:*"])).unwrap();
+        for force in [false, true] {
+            let p = plan(
+                &Request {
+                    images: strings(&["redis:7", &redis(), "nginx"]),
+                    force,
+                    protected: protected.clone(),
+                },
+                &inv,
+            );
+            let kept = Outcome::Protected {
+                id: redis(),
+                reference: "docker.io/library/redis:7".into(),
+                glob: "docker.io/library/redis:*".into(),
+            };
+            assert_eq!(
+                outcomes(&p),
+                vec![&kept, &kept, &nginx_removed()],
+                "force {force}"
+            );
+            assert!(
+                !kept.is_failure(),
+                "a protected image does not block the batch"
+            );
+            assert!(
+                !p.deletes
+                    .iter()
+                    .any(|d| d.contains("redis") || *d == redis()),
+                "force {force}: {:?}",
+                p.deletes
+            );
+        }
+        // A glob on the ID protects it too.
+        let by_id = Protected::new(&[nginx()]).unwrap();
+        let p = plan(
+            &Request {
+                images: strings(&["nginx:1.25"]),
+                force: true,
+                protected: by_id,
+            },
+            &inv,
+        );
+        assert_eq!(p.items[0].outcome.kind(), "Protected");
+        assert!(p.deletes.is_empty());
+    }
+
+    #[test]
+    fn an_interrupted_removal_of_a_now_protected_image_waits() {
+        let inv = inventory(&["docker.io/library/nginx:latest"]);
+        let protected = Protected::new(&strings(&["*/nginx:*"])).unwrap();
+        let p = plan(
+            &Request {
+                images: Vec::new(),
+                force: true,
+                protected,
+            },
+            &inv,
+        );
+        assert!(p.deletes.is_empty(), "{:?}", p.deletes);
+        assert!(p.pending.is_empty());
     }
 
     #[test]
@@ -770,9 +886,12 @@ mod tests {
                 pending in proptest::collection::vec(any::<u8>(), 0..3),
                 inputs in proptest::collection::vec(gen_input(), 0..6),
                 force in any::<bool>(),
+                protect_app1 in any::<bool>(),
             ) {
                 let inv = build(&gens, &pending);
-                let p = plan(&Request { images: inputs.clone(), force }, &inv);
+                let globs = if protect_app1 { vec!["*/app1:*".to_string()] } else { Vec::new() };
+                let protected = Protected::new(&globs).unwrap();
+                let p = plan(&Request { images: inputs.clone(), force, protected }, &inv);
                 let owner: BTreeMap<&String, &CriImage> = inv
                     .images
                     .values()
@@ -794,6 +913,10 @@ mod tests {
                     match owner.get(d) {
                         Some(img) => {
                             prop_assert!(!img.pinned, "pinned image deleted: {}", d);
+                            prop_assert!(
+                                !(protect_app1 && img.references.iter().any(|r| r.contains("/app1:"))),
+                                "protected image deleted: {}", d
+                            );
                             prop_assert!(
                                 img.used_by.is_empty() || (force && removed.contains(&img.id)),
                                 "in-use image deleted without force: {}", d

@@ -142,6 +142,7 @@ mod tests {
             })),
             &Protections {
                 exclude: vec!["*/pause:*".into()],
+                ..Default::default()
             },
         )
         .unwrap();
@@ -178,6 +179,7 @@ mod tests {
             &spec(serde_json::json!({"schedule": "@daily"})),
             &Protections {
                 exclude: vec!["{".into()],
+                ..Default::default()
             },
         )
         .unwrap_err();

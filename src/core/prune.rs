@@ -10,7 +10,9 @@
 //! 2. **Global protections** (the agent's exclude globs, e.g. the pause image and the agent's
 //!    own image) and the **policy's exclude globs** keep an image when any of its references
 //!    matches — its `sha256:<id>` record and its ID included, so an image can be protected by
-//!    ID. An over-broad exclude only keeps more.
+//!    ID. An over-broad exclude only keeps more. Between the two, the agent's **minimum image
+//!    age** keeps an image created (or first seen) less than that long ago, as the kubelet's
+//!    `imageMinimumGCAge` does: a freshly pulled image is about to be used.
 //! 3. **Include globs** (empty = every image) are matched only against references that are
 //!    not bare `sha256:<hex>` ID records: a glob such as `*` or `docker.io/*` is about
 //!    repositories, so an image known only by its ID (a dangling image) is included by the
@@ -95,6 +97,9 @@ pub struct Protections {
     /// Global exclude globs from the agent's configuration (the pause image, the agent's own
     /// image, ...).
     pub exclude: Vec<String>,
+    /// No policy chooses an image created (or first seen) less than this many seconds ago,
+    /// as the kubelet's `imageMinimumGCAge`: a freshly pulled image is about to be used.
+    pub min_image_age: i64,
 }
 
 /// Image-filesystem watermarks, in percent of capacity.
@@ -202,11 +207,11 @@ impl Globs {
     /// The first of `names` that matches, with the first glob it matches.
     fn first_match<'a>(
         &self,
-        mut names: impl Iterator<Item = &'a String>,
+        mut names: impl Iterator<Item = &'a str>,
     ) -> Option<(String, String)> {
         names.find_map(|n| {
-            let first = self.set.matches(n.as_str()).into_iter().min()?;
-            Some((n.clone(), self.text[first].clone()))
+            let first = self.set.matches(n).into_iter().min()?;
+            Some((n.to_string(), self.text[first].clone()))
         })
     }
 
@@ -215,6 +220,46 @@ impl Globs {
         names.any(|n| self.set.is_match(n.as_str()))
     }
 }
+
+/// The agent's protection globs, compiled: images no removal and no policy may take, forced
+/// or not. An image is protected when any of its references, or its ID, matches.
+#[derive(Clone, Debug, Default)]
+pub struct Protected {
+    /// `None` when nothing is protected by name.
+    globs: Option<Globs>,
+}
+
+impl Protected {
+    /// Compiles `globs`; an empty or unparsable glob is an error.
+    pub fn new(globs: &[String]) -> Result<Protected, PruneError> {
+        if globs.is_empty() {
+            return Ok(Protected::default());
+        }
+        Ok(Protected {
+            globs: Some(Globs::compile("protections", globs)?),
+        })
+    }
+
+    /// The first of `references` (then `id`) that a protection glob matches, with that glob.
+    pub fn matching(&self, id: &str, references: &[String]) -> Option<(String, String)> {
+        self.globs
+            .as_ref()?
+            .first_match(references.iter().map(String::as_str).chain([id]))
+    }
+
+    /// The globs as written.
+    pub fn globs(&self) -> &[String] {
+        self.globs.as_ref().map_or(&[], |g| g.text.as_slice())
+    }
+}
+
+impl PartialEq for Protected {
+    fn eq(&self, other: &Protected) -> bool {
+        self.globs() == other.globs()
+    }
+}
+
+impl Eq for Protected {}
 
 /// A policy's selection and the agent's protections, validated and compiled: build it once
 /// per policy, before selecting anything.
@@ -229,7 +274,9 @@ pub struct Selector {
     /// The policy's exclude globs.
     exclude: Globs,
     /// The agent's protection globs.
-    protections: Globs,
+    protections: Protected,
+    /// The agent's minimum image age, in seconds.
+    min_image_age: i64,
     /// The policy's `keep_newest`.
     keep_newest: Option<u32>,
     /// The policy's `max_images`.
@@ -260,7 +307,8 @@ impl Selector {
             older_than: selection.older_than,
             include,
             exclude: Globs::compile("exclude", &selection.exclude)?,
-            protections: Globs::compile("protections", &protections.exclude)?,
+            protections: Protected::new(&protections.exclude)?,
+            min_image_age: protections.min_image_age.max(0),
             keep_newest: selection.keep_newest,
             max_images: selection.max_images,
         })
@@ -293,6 +341,14 @@ pub enum SkipReason {
         reference: String,
         /// The glob it matches.
         glob: String,
+    },
+    /// Created (or first seen) less than the agent's minimum image age ago: a freshly
+    /// pulled image is about to be used, whatever the policy says.
+    TooNew {
+        /// Seconds since its creation (or since first seen, when unknown).
+        ago: i64,
+        /// The agent's minimum image age in seconds.
+        min_age: i64,
     },
     /// A reference matches one of the policy's exclude globs.
     Excluded {
@@ -349,6 +405,7 @@ impl SkipReason {
             SkipReason::Pinned => "Pinned",
             SkipReason::InUse => "InUse",
             SkipReason::Protected { .. } => "Protected",
+            SkipReason::TooNew { .. } => "TooNew",
             SkipReason::Excluded { .. } => "Excluded",
             SkipReason::NotIncluded => "NotIncluded",
             SkipReason::UsedRecently { .. } => "UsedRecently",
@@ -369,6 +426,12 @@ impl fmt::Display for SkipReason {
             SkipReason::Protected { reference, glob } => {
                 write!(f, "{reference} matches the agent's protection glob {glob}")
             }
+            SkipReason::TooNew { ago, min_age } => write!(
+                f,
+                "on the node for {}, less than the agent's minimum image age of {}",
+                human_duration(*ago),
+                human_duration(*min_age)
+            ),
             SkipReason::Excluded { reference, glob } => {
                 write!(f, "{reference} matches the policy's exclude glob {glob}")
             }
@@ -503,10 +566,21 @@ fn ineligible(c: &Candidate, selector: &Selector, now: i64) -> Option<SkipReason
     if c.in_use {
         return Some(SkipReason::InUse);
     }
-    let names = || c.references.iter().chain(std::iter::once(&c.id));
-    if let Some((reference, glob)) = selector.protections.first_match(names()) {
+    if let Some((reference, glob)) = selector.protections.matching(&c.id, &c.references) {
         return Some(SkipReason::Protected { reference, glob });
     }
+    if selector.min_image_age > 0 && !old_enough(now, c.creation(), selector.min_image_age) {
+        return Some(SkipReason::TooNew {
+            ago: age(now, c.creation()),
+            min_age: selector.min_image_age,
+        });
+    }
+    let names = || {
+        c.references
+            .iter()
+            .map(String::as_str)
+            .chain([c.id.as_str()])
+    };
     if let Some((reference, glob)) = selector.exclude.first_match(names()) {
         return Some(SkipReason::Excluded { reference, glob });
     }
@@ -923,6 +997,50 @@ mod tests {
     }
 
     #[test]
+    fn images_younger_than_the_minimum_age_are_never_chosen() {
+        let now = 1_000_000;
+        let s = Selector::new(
+            &Selection::default(),
+            &Protections {
+                min_image_age: 120,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let fresh = Candidate {
+            created: Some(now - 30),
+            ..cand(1, &["docker.io/library/a:1"])
+        };
+        let unknown_but_seen_now = Candidate {
+            created: None,
+            first_seen: now,
+            ..cand(2, &["docker.io/library/a:2"])
+        };
+        let old = Candidate {
+            created: Some(now - 120),
+            ..cand(3, &["docker.io/library/a:3"])
+        };
+        let c = select(&[fresh, unknown_but_seen_now, old], &s, now, None);
+        assert_eq!(
+            chosen_ids(&c),
+            [id(3)],
+            "exactly the minimum age is old enough"
+        );
+        assert_eq!(
+            reason_of(&c, &id(1)),
+            SkipReason::TooNew {
+                ago: 30,
+                min_age: 120
+            }
+        );
+        assert_eq!(reason_of(&c, &id(2)).kind(), "TooNew");
+        assert_eq!(
+            reason_of(&c, &id(1)).to_string(),
+            "on the node for 30s, less than the agent's minimum image age of 2m"
+        );
+    }
+
+    #[test]
     fn extreme_times_do_not_overflow() {
         let s = selector(Selection {
             unused_for: Some(i64::MAX),
@@ -1029,6 +1147,7 @@ mod tests {
         ];
         let protections = Protections {
             exclude: strings(&["registry.k8s.io/pause:*", "ghcr.io/imagegc/*"]),
+            ..Default::default()
         };
         let selection = Selection {
             exclude: strings(&["*:latest", "*:1.25", "docker.io/library/redis*"]),
@@ -1067,6 +1186,7 @@ mod tests {
             &Selection::default(),
             &Protections {
                 exclude: vec![format!("{short}*")],
+                ..Default::default()
             },
         )
         .unwrap();
@@ -1141,6 +1261,7 @@ mod tests {
             Selection::default(),
             Protections {
                 exclude: strings(&["ok/*", "[z-a]"]),
+                ..Default::default()
             },
         );
         assert!(
@@ -1817,7 +1938,10 @@ mod tests {
                                 keep_newest,
                                 max_images: max,
                             },
-                            Protections { exclude: protected },
+                            Protections {
+                                exclude: protected,
+                                ..Default::default()
+                            },
                         )
                     },
                 )

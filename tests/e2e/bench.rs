@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use imagegc::api::{ImageRemoval, NodeImageReport};
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use libtest_mimic::Trial;
 use testbed::image::ImageBuilder;
 
@@ -20,7 +20,10 @@ use crate::operator::{Operator, wait_for};
 use crate::support::{http_get, import, trial, wait_http_ok};
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial("bench::operator", operator).with_ignored_flag(true)]
+    vec![
+        trial("bench::operator", operator).with_ignored_flag(true),
+        trial("bench::soak", soak).with_ignored_flag(true),
+    ]
 }
 
 /// `VmRSS` and `VmHWM` of `pid`, in KiB.
@@ -202,6 +205,98 @@ async fn operator() -> Result<()> {
         mib(controller_rss),
         mib(controller_peak),
         verdict(mib(controller_peak) <= 32.0)
+    );
+    Ok(())
+}
+
+/// `make bench-soak`: memory stays flat as removals come and go. `IMAGEGC_SOAK_REMOVALS`
+/// (10,000) ImageRemovals are created in waves of 100, each run by the node's agent (one
+/// absent image: `NotPresent`), folded by the controller and deleted by it after its TTL
+/// (0 s); the next wave starts when the last one is gone. The agent's and the controller's
+/// resident memory is sampled after every 1,000; the last sample must be at most 10 % plus
+/// 1 MiB above the one after 2,000 (the warm-up: allocator arenas, watch buffers). Exits
+/// non-zero on a miss.
+async fn soak() -> Result<()> {
+    const WAVE: usize = 100;
+    let total: usize = std::env::var("IMAGEGC_SOAK_REMOVALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let op = Operator::start(&[&[("pool", "a")]]).await?;
+    wait_http_ok(op.agent_port(0), "/readyz").await?;
+    let removals = Api::<ImageRemoval>::all(op.admin.clone());
+    let (agent, controller) = (
+        op.agent_pid(0).context("agent pid")?,
+        op.controller_pid().context("controller pid")?,
+    );
+    let started = Instant::now();
+    let mut samples: Vec<(usize, u64, u64)> = Vec::new();
+    for wave in 0..total.div_ceil(WAVE) {
+        for n in 0..WAVE {
+            let removal: ImageRemoval = serde_json::from_value(serde_json::json!({
+                "apiVersion": "imagegc.dev/v1alpha1", "kind": "ImageRemoval",
+                "metadata": {"name": format!("soak-{wave}-{n}"), "labels": {"soak": "yes"}},
+                "spec": {"images": [format!("absent{n}:1")], "ttlSecondsAfterFinished": 0},
+            }))?;
+            removals.create(&PostParams::default(), &removal).await?;
+        }
+        let removals = &removals;
+        wait_for(
+            &format!("wave {wave} run, folded and deleted"),
+            Duration::from_secs(300),
+            || async move {
+                let left = removals
+                    .list_metadata(&ListParams::default().labels("soak=yes"))
+                    .await?;
+                Ok(left.items.is_empty().then_some(()))
+            },
+        )
+        .await
+        .with_context(|| op.logs())?;
+        let done = (wave + 1) * WAVE;
+        if done.is_multiple_of(1000) || done >= total {
+            let (a, _) = memory(agent)?;
+            let (c, _) = memory(controller)?;
+            println!(
+                "  {done:>6} removals done ({:.0} s): agent {:.1} MiB, controller {:.1} MiB",
+                started.elapsed().as_secs_f64(),
+                mib(a),
+                mib(c)
+            );
+            samples.push((done, a, c));
+        }
+    }
+    let flat = |after_warmup: u64, last: u64| last as f64 <= after_warmup as f64 * 1.1 + 1024.0;
+    let warm = samples
+        .iter()
+        .find(|(done, ..)| *done >= 2000)
+        .or(samples.first())
+        .copied()
+        .context("no sample")?;
+    let last = *samples.last().context("no sample")?;
+    println!(
+        "\nbench soak — {total} ImageRemovals created, run, folded and deleted in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "  agent RSS after {} {:.1} MiB, after {} {:.1} MiB: {}",
+        warm.0,
+        mib(warm.1),
+        last.0,
+        mib(last.1),
+        verdict(flat(warm.1, last.1))
+    );
+    println!(
+        "  controller RSS after {} {:.1} MiB, after {} {:.1} MiB: {}",
+        warm.0,
+        mib(warm.2),
+        last.0,
+        mib(last.2),
+        verdict(flat(warm.2, last.2))
+    );
+    ensure!(
+        flat(warm.1, last.1) && flat(warm.2, last.2),
+        "memory grew over the soak: {samples:?}"
     );
     Ok(())
 }

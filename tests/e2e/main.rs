@@ -14,6 +14,7 @@ mod fuzz;
 mod operator;
 mod policy;
 mod removal;
+mod safety;
 mod security;
 mod support;
 
@@ -31,6 +32,7 @@ fn main() {
     trials.extend(operator::trials());
     trials.extend(policy::trials());
     trials.extend(removal::trials());
+    trials.extend(safety::trials());
     trials.extend(security::trials());
     let conclusion = libtest_mimic::run(&args, trials);
     testbed::process::cleanup_all();

@@ -87,7 +87,8 @@ pub struct Operator {
     agent_kubeconfigs: Vec<PathBuf>,
     controller_kubeconfig: PathBuf,
     /// Flags every agent gets after the harness's own (`--image-fs` is always its node's
-    /// containerd root).
+    /// containerd root). `--no-allow-force` (a harness word, not an agent flag) starts the
+    /// agents without `--allow-force`.
     pub agent_args: Vec<String>,
     /// A cluster-admin client.
     pub admin: Client,
@@ -167,7 +168,21 @@ impl Operator {
             "--image-fs".into(),
             self.bed.nodes[i].root.display().to_string(),
         ];
-        args.extend(self.agent_args.iter().cloned());
+        // Unless a test says otherwise: forced removals allowed (the tests of `force` need
+        // it), and no minimum image age (the tests' images are seconds old).
+        let given = |flag: &str| self.agent_args.iter().any(|a| a.starts_with(flag));
+        if !given("--allow-force") && !given("--no-allow-force") {
+            args.push("--allow-force".into());
+        }
+        if !given("--prune-min-image-age-seconds") {
+            args.push("--prune-min-image-age-seconds=0".into());
+        }
+        args.extend(
+            self.agent_args
+                .iter()
+                .filter(|a| *a != "--no-allow-force")
+                .cloned(),
+        );
         let envs = vec![
             (
                 "KUBECONFIG".to_string(),
@@ -454,7 +469,7 @@ async fn agent_token(bed: &TestBed, admin: &Client, node: &str) -> Result<String
         .await
 }
 
-fn condition(r: &ImageRemoval, type_: &str) -> Option<String> {
+pub fn condition(r: &ImageRemoval, type_: &str) -> Option<String> {
     r.status
         .as_ref()?
         .conditions
@@ -463,14 +478,14 @@ fn condition(r: &ImageRemoval, type_: &str) -> Option<String> {
         .map(|c| c.status.clone())
 }
 
-fn outcomes(r: &RemovalResult) -> Vec<(String, String)> {
+pub fn outcomes(r: &RemovalResult) -> Vec<(String, String)> {
     r.images
         .iter()
         .map(|i| (i.image.clone(), i.outcome.clone()))
         .collect()
 }
 
-fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+pub fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect()
@@ -594,7 +609,7 @@ pub fn now_seconds() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-async fn records(op: &Operator, i: usize) -> Result<BTreeSet<String>> {
+pub async fn records(op: &Operator, i: usize) -> Result<BTreeSet<String>> {
     image::image_names(&op.socket(i), NS).await
 }
 

@@ -51,7 +51,7 @@ async fn create_policy(op: &Operator, name: &str, spec: serde_json::Value) -> Re
 }
 
 /// Waits until node `i`'s report has a run of policy `name` that satisfies `done`.
-async fn wait_run(
+pub async fn wait_run(
     op: &Operator,
     i: usize,
     name: &str,

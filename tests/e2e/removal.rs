@@ -9,8 +9,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 use imagegc::containerd::{self, Runtime};
-use imagegc::core::inventory::PENDING_LABEL;
-use imagegc::core::plan::{self, Request};
+use imagegc::core::inventory::{Inventory, PENDING_LABEL};
+use imagegc::core::plan::{self, Plan, Request};
 use imagegc::core::platform::{Matcher, Platform};
 use libtest_mimic::Trial;
 use testbed::Flavor;
@@ -281,18 +281,25 @@ async fn setup(socket: &Path, scenario: &Scenario) -> Result<()> {
     testbed::cri::wait_synced(socket, &ids, &refs).await
 }
 
+/// The plan for `images` on `inv`, with no protection globs (as `imagegc rmi` plans).
+/// A plain function: the request's compiled globs then never sit in an async test's state.
+fn plan_of(images: &[String], force: bool, inv: &Inventory) -> Plan {
+    plan::plan(
+        &Request {
+            images: images.to_vec(),
+            force,
+            ..Default::default()
+        },
+        inv,
+    )
+}
+
 /// Removes `images` from `socket` through the library, as `imagegc rmi` does.
 pub async fn remove(socket: &Path, images: &[String], force: bool) -> Result<Vec<&'static str>> {
     let rt = Runtime::connect(socket, NS).await?;
     let matcher = Matcher::only(Platform::host());
     let inv = rt.inventory(&matcher).await?;
-    let plan = plan::plan(
-        &Request {
-            images: images.to_vec(),
-            force,
-        },
-        &inv,
-    );
+    let plan = plan_of(images, force, &inv);
     let kinds = plan.items.iter().map(|i| i.outcome.kind()).collect();
     containerd::execute(&rt, plan).await?;
     Ok(kinds)
@@ -545,13 +552,7 @@ async fn interrupted_removal_is_finished(flavor: Flavor, marks: Marks) -> Result
     // "crash".
     let rt = Runtime::connect(ours, NS).await?;
     let inv = rt.inventory(&Matcher::only(Platform::host())).await?;
-    let p = plan::plan(
-        &Request {
-            images: vec![names[0].to_string()],
-            force: false,
-        },
-        &inv,
-    );
+    let p = plan_of(&[names[0].to_string()], false, &inv);
     ensure!(p.marks.len() == 1 && p.deletes.len() == 4, "{p:?}");
     ensure!(p.deletes[0] == a.id(), "{p:?}");
     match marks {

@@ -106,6 +106,8 @@ async fn service_accounts_have_exactly_their_permissions() -> Result<()> {
         "/nodes get",
         "/nodes list",
         "/nodes watch",
+        "/pods list",
+        "/pods watch",
         "events.k8s.io/events create",
         "events.k8s.io/events patch",
     ]);
