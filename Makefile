@@ -32,8 +32,8 @@ unit: ## Unit tests of the pure core only (no daemons).
 e2e: deps ## The end-to-end suite only (pass a filter with ARGS=...).
 	$(CARGO) test --test e2e -- $(ARGS)
 
-deny: deps ## Licences, bans and sources of every dependency (cargo-deny, deny.toml).
-	bash hack/cargo-deny.sh check licenses bans sources
+deny: deps ## Licences, bans, sources and RustSec advisories of every dependency (cargo-deny, deny.toml; offline, see hack/cargo-deny.sh).
+	bash hack/cargo-deny.sh check licenses bans sources advisories
 
 fmt: ## Format the code.
 	$(CARGO) fmt --all
