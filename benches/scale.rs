@@ -359,7 +359,9 @@ impl Bench {
             }))?;
             nodes.create(&PostParams::default(), &node).await?;
             let pod: Pod = serde_json::from_value(serde_json::json!({
-                "metadata": {"name": format!("agent-{name}"), "namespace": SYSTEM_NS},
+                // Named as the DaemonSet controller names the agent's pods (the admission
+                // policy requires it).
+                "metadata": {"generateName": "imagegc-agent-", "namespace": SYSTEM_NS},
                 "spec": {"nodeName": name, "serviceAccountName": AGENT_SA,
                          "automountServiceAccountToken": false,
                          "containers": [{"name": "agent", "image": "imagegc:bench"}]}

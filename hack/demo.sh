@@ -68,18 +68,20 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 step "start one agent per node and the controller (as the DaemonSet and Deployment would)"
 sockets=($NODE_SOCKETS)
 for i in 0 1 2; do
-  "$kubectl" -n "$ns" apply -f - >/dev/null <<YAML
+  # Named as the DaemonSet controller names the agent's pods (imagegc-agent-<5 generated
+  # characters), which the admission policy requires.
+  read -r pod uid < <("$kubectl" -n "$ns" create -o jsonpath='{.metadata.name} {.metadata.uid}' -f - <<YAML
 apiVersion: v1
 kind: Pod
-metadata: {name: imagegc-agent-node-$i}
+metadata: {generateName: imagegc-agent-}
 spec:
   nodeName: node-$i
   serviceAccountName: imagegc-agent
   containers: [{name: agent, image: ghcr.io/imagegc/imagegc:0.1.0}]
 YAML
-  uid=$("$kubectl" -n "$ns" get pod "imagegc-agent-node-$i" -o jsonpath='{.metadata.uid}')
+  )
   token=$("$kubectl" -n "$ns" create token imagegc-agent --duration 1h \
-    --bound-object-kind Pod --bound-object-name "imagegc-agent-node-$i" --bound-object-uid "$uid")
+    --bound-object-kind Pod --bound-object-name "$pod" --bound-object-uid "$uid")
   kubeconfig_for "agent-node-$i" "$token" "$state/agent-$i.kubeconfig"
   KUBECONFIG=$state/agent-$i.kubeconfig NODE_NAME=node-$i \
     "$imagegc" agent --socket "${sockets[$i]}" --listen "127.0.0.1:$(port)" \

@@ -43,10 +43,26 @@ build_in_module() {
     fi
     printf 'package tools\n\nimport _ "%s"\n' "$pkg" > tools.go
     go mod tidy >/dev/null 2>&1 || go mod tidy
-    go build -trimpath -ldflags "-s -w" -o "$out" "$pkg"
+    local extra=""
+    if [ -n "${LDFLAGS_FN:-}" ]; then extra=$("$LDFLAGS_FN"); fi
+    go build -trimpath -ldflags "-s -w $extra" -o "$out" "$pkg"
   ) || rc=$?
   rm -rf "$work"
   return $rc
+}
+
+# What helm's own release build passes (its Makefile), run inside the scratch module: the
+# version, and the Kubernetes version `helm template` and `helm lint` assume when they do not
+# ask a cluster, taken from the client-go helm is built with. Without it they assume v1.20 and
+# refuse a chart whose kubeVersion asks for more.
+helm_ldflags() {
+  local v minor
+  v=$(go list -m -f '{{.Version}}' k8s.io/client-go) # v0.34.2
+  v=${v#v0.}
+  minor=${v%%.*}
+  echo "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor" \
+    "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
 }
 
 build() {
@@ -78,11 +94,13 @@ build() {
         "github.com/containerd/containerd/v2@$CONTAINERD_VERSION"
       ;;
     helm)
-      dir="$cache/bin/helm-$HELM_VERSION"
+      # "-k8s": built with helm_ldflags (an earlier cache without them is not reused).
+      dir="$cache/bin/helm-$HELM_VERSION-k8s"
       [ -x "$dir/helm" ] && { echo "$dir"; return; }
       need_go; mkdir -p "$dir"
       log "building helm $HELM_VERSION from helm.sh/helm/v3"
-      build_in_module "$dir/helm" "helm.sh/helm/v3/cmd/helm" "" "helm.sh/helm/v3@$HELM_VERSION"
+      LDFLAGS_FN=helm_ldflags \
+        build_in_module "$dir/helm" "helm.sh/helm/v3/cmd/helm" "" "helm.sh/helm/v3@$HELM_VERSION"
       ;;
     crictl)
       dir="$cache/bin/crictl-$CRICTL_VERSION"

@@ -10,12 +10,14 @@
 //! - [`api`]: the Kubernetes objects (CRDs generated from these types).
 //! - [`agent`]: `imagegc agent`, the per-node DaemonSet.
 //! - [`controller`]: `imagegc controller` — folds NodeImageReports into ImageRemoval status.
+//! - [`check`]: `imagegc check`, the chart's `helm test`.
 //! - [`events`], [`serve`], [`watch`]: what the long-running processes share — Events,
 //!   logging, `/metrics`, `/livez`, `/readyz`, shutdown, watches one bad object cannot wedge.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod api;
+pub mod check;
 pub mod cli;
 pub mod containerd;
 pub mod controller;

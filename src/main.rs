@@ -50,6 +50,9 @@ enum Command {
     Crdgen,
     /// Fold every node's NodeImageReport into ImageRemoval status (leader-elected Deployment).
     Controller(imagegc::controller::ControllerArgs),
+    /// Check that an installation works: CRDs served, agents and controller ready, reports
+    /// written (the chart's `helm test`).
+    Check(imagegc::check::CheckArgs),
 }
 
 #[tokio::main]
@@ -67,6 +70,15 @@ async fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("imagegc controller: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Check(args) => {
+            return match imagegc::check::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("imagegc check: {e}");
                     ExitCode::from(1)
                 }
             };

@@ -35,6 +35,18 @@ pub struct Cluster {
     etcd: Option<Proc>,
 }
 
+/// The API server's audit policy: every request made by a ServiceAccount, at `Metadata`
+/// level (who, verb, resource, namespace, name, response code; no bodies), once complete.
+/// Tests read the log to learn which calls a component really makes.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    userGroups: [\"system:serviceaccounts\"]
+  - level: None
+";
+
 struct Pki {
     ca: PathBuf,
     server_cert: PathBuf,
@@ -158,7 +170,12 @@ impl Cluster {
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let etcd_dir = dir.join("etcd");
         let server = format!("https://127.0.0.1:{api_port}");
+        let audit_policy = dir.join("audit-policy.yaml");
+        fs::write(&audit_policy, AUDIT_POLICY)?;
         let apiserver_args = vec![
+            format!("--audit-policy-file={}", audit_policy.display()),
+            format!("--audit-log-path={}", dir.join("audit.log").display()),
+            "--audit-log-format=json".into(),
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
@@ -347,6 +364,12 @@ impl Cluster {
             .with_context(|| format!("etcd {path}: reply is not JSON: {payload:?}"))
     }
 
+    /// The API server's audit log: one JSON `audit.k8s.io/v1` Event per line for every request
+    /// a ServiceAccount made (see [`AUDIT_POLICY`]).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
+    }
+
     /// The etcd client URL.
     pub fn etcd_url(&self) -> &str {
         &self.etcd_url
@@ -406,18 +429,32 @@ impl Cluster {
         name: &str,
         bound_pod: Option<(&str, &str)>,
     ) -> Result<String> {
+        let bound = bound_pod.map(|(pod, uid)| BoundObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.into()),
+            uid: Some(uid.into()),
+        });
+        self.service_account_token_bound_to(namespace, name, bound)
+            .await
+    }
+
+    /// Issues a token for ServiceAccount `namespace/name` bound to any object the
+    /// TokenRequest API accepts (a Pod, a Secret, or a Node, like `kubectl create token
+    /// --bound-object-kind`), or to none.
+    pub async fn service_account_token_bound_to(
+        &self,
+        namespace: &str,
+        name: &str,
+        bound: Option<BoundObjectReference>,
+    ) -> Result<String> {
         let client = self.admin_client().await?;
         let api = Api::<ServiceAccount>::namespaced(client, namespace);
         let req = TokenRequest {
             spec: Some(TokenRequestSpec {
                 audiences: None,
                 expiration_seconds: Some(3600 * 24),
-                bound_object_ref: bound_pod.map(|(pod, uid)| BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: Some(pod.into()),
-                    uid: Some(uid.into()),
-                }),
+                bound_object_ref: bound,
             }),
             ..Default::default()
         };

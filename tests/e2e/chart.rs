@@ -2,6 +2,7 @@
 //! server, the RBAC is what the chart says, and the admission policy keeps each agent to its own
 //! node's NodeImageReport.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use imagegc::api::{NodeImageReport, NodeImageReportSpec};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use libtest_mimic::Trial;
 use serde::Deserialize;
@@ -129,7 +130,7 @@ async fn manifests_apply_and_policy_holds() -> Result<()> {
             .await?;
     }
     let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "agent-a", "namespace": NAMESPACE},
+        "metadata": {"generateName": "imagegc-agent-", "namespace": NAMESPACE},
         "spec": {"nodeName": "node-a", "serviceAccountName": AGENT,
                  "automountServiceAccountToken": false,
                  "containers": [{"name": "agent", "image": "ghcr.io/imagegc/imagegc:test"}]}
@@ -138,8 +139,9 @@ async fn manifests_apply_and_policy_holds() -> Result<()> {
         .create(&PostParams::default(), &pod)
         .await?;
     let uid = pod.metadata.uid.context("pod uid")?;
+    let pod_name = pod.metadata.name.context("pod name")?;
     let token = cluster
-        .service_account_token(NAMESPACE, AGENT, Some(("agent-a", &uid)))
+        .service_account_token(NAMESPACE, AGENT, Some((&pod_name, &uid)))
         .await?;
     let agent =
         client_from_kubeconfig(&cluster.token_kubeconfig("agent-a.kubeconfig", &token)?).await?;
@@ -179,13 +181,20 @@ async fn manifests_apply_and_policy_holds() -> Result<()> {
                 .contains("node node-a may write only NodeImageReport node-a"),
         "node-b's report: {s:?}"
     );
-    // Its own report naming another node in spec.nodeName: refused too.
-    let mut stored = reports.get("node-a").await?;
-    stored.spec.node_name = "node-b".into();
+    // Its own report naming another node in spec.nodeName: refused too (written as the agent
+    // writes, with server-side apply; the agent may not `update`).
+    let repointed = Patch::Apply(serde_json::json!({
+        "apiVersion": "imagegc.dev/v1alpha1", "kind": "NodeImageReport",
+        "metadata": {"name": "node-a"}, "spec": {"nodeName": "node-b"},
+    }));
     let s = api_error(
         "agent on node-a pointing its report at node-b",
         reports
-            .replace("node-a", &PostParams::default(), &stored)
+            .patch(
+                "node-a",
+                &PatchParams::apply("imagegc-agent").force(),
+                &repointed,
+            )
             .await,
     )?;
     ensure!(
@@ -203,7 +212,9 @@ async fn manifests_apply_and_policy_holds() -> Result<()> {
             .await,
     )?;
     ensure!(
-        s.code == 403 && s.message.contains(POLICY) && s.message.contains("bound to its pod"),
+        s.code == 403
+            && s.message.contains(POLICY)
+            && s.message.contains("bound to no scheduled pod"),
         "unbound token: {s:?}"
     );
 
@@ -289,10 +300,10 @@ fn chart_renders_presets_and_options() -> Result<()> {
         (
             vec![
                 "containerd.preset=k3s",
-                "containerd.socket=/custom/c.sock",
+                "containerd.socket=/custom/run/c.sock",
                 "containerd.root=/custom/root",
             ],
-            "/custom/c.sock",
+            "/custom/run/c.sock",
             "/custom/root",
         ),
     ] {
@@ -320,7 +331,8 @@ fn chart_renders_presets_and_options() -> Result<()> {
                 && env["value"] == want,
             "{set:?}: volume {volume:?}, container {container:?}"
         );
-        // containerd's root: a second read-only hostPath, and the flag that points at it.
+        // A directory on containerd's image filesystem (`tmpmounts`, inside the root): a second read-only hostPath, and the flag that points at it.
+        let image_fs = format!("{root}/tmpmounts");
         let root_volume = &pod["volumes"][1];
         let args: Vec<&str> = container["args"]
             .as_sequence()
@@ -328,13 +340,20 @@ fn chart_renders_presets_and_options() -> Result<()> {
             .iter()
             .filter_map(|a| a.as_str())
             .collect();
+        for mount in container["volumeMounts"].as_sequence().context("mounts")? {
+            ensure!(
+                mount["readOnly"] == true
+                    && mount["recursiveReadOnly"] == "IfPossible"
+                    && mount["mountPropagation"] == "None",
+                "{set:?}: {mount:?}"
+            );
+        }
         ensure!(
-            root_volume["name"] == "containerd-root"
-                && root_volume["hostPath"]["path"] == root
+            root_volume["name"] == "containerd-image-fs"
+                && root_volume["hostPath"]["path"] == image_fs.as_str()
                 && root_volume["hostPath"]["type"] == "Directory"
-                && container["volumeMounts"][1]["mountPath"] == root
-                && container["volumeMounts"][1]["readOnly"] == true
-                && args.contains(&format!("--image-fs={root}").as_str())
+                && container["volumeMounts"][1]["mountPath"] == image_fs.as_str()
+                && args.contains(&format!("--image-fs={image_fs}").as_str())
                 && args.iter().any(|a| a.starts_with("--own-image="))
                 && args.contains(&"--protect=registry.k8s.io/pause:*"),
             "{set:?}: volumes {:?}, args {args:?}",
@@ -354,7 +373,9 @@ fn chart_renders_presets_and_options() -> Result<()> {
     );
     let err = render(&["containerd.preset=nope"]).expect_err("an unknown preset renders");
     ensure!(
-        format!("{err:#}").contains("containerd.preset \"nope\" is unknown"),
+        format!("{err:#}").contains(
+            "at '/containerd/preset': value must be one of 'containerd', 'k3s', 'microk8s'"
+        ),
         "{err:#}"
     );
 
@@ -372,10 +393,391 @@ fn chart_renders_presets_and_options() -> Result<()> {
         services.len() == 2 && services.iter().any(|s| s["spec"]["clusterIP"] == "None"),
         "{services:?}"
     );
+    // Nothing namespaced outside the release's, but the Events Role and its binding in
+    // `default`, where the code writes Events about cluster-scoped objects.
     for doc in &monitored {
         let ns = &doc["metadata"]["namespace"];
-        ensure!(ns.is_null() || *ns == NAMESPACE, "{doc:?}");
+        let events = doc["metadata"]["name"] == "imagegc-events"
+            && (doc["kind"] == "Role" || doc["kind"] == "RoleBinding");
+        ensure!(
+            ns.is_null() || *ns == NAMESPACE || (events && *ns == "default"),
+            "{doc:?}"
+        );
     }
+    let roles = of_kind(&plain, "Role");
+    let events = roles
+        .iter()
+        .find(|r| r["metadata"]["name"] == "imagegc-events")
+        .context("the Events Role")?;
+    ensure!(
+        events["metadata"]["namespace"] == "default"
+            && events["rules"].as_sequence().map(Vec::len) == Some(1)
+            && events["rules"][0]["verbs"] == serde_yaml::to_value(["create"])?,
+        "{events:?}"
+    );
+    ensure!(
+        !of_kind(&plain, "ClusterRole")
+            .iter()
+            .any(|r| format!("{r:?}").contains("events")),
+        "no cluster-wide Events grant"
+    );
+
+    // One controller: no PodDisruptionBudget, no anti-affinity. Two: both.
+    ensure!(of_kind(&plain, "PodDisruptionBudget").is_empty());
+    let deploy = &of_kind(&plain, "Deployment")[0]["spec"]["template"]["spec"];
+    ensure!(deploy["affinity"].is_null(), "{:?}", deploy["affinity"]);
+    let two = render(&["controller.replicas=2"])?;
+    let pdb = of_kind(&two, "PodDisruptionBudget");
+    ensure!(
+        pdb.len() == 1 && pdb[0]["spec"]["maxUnavailable"] == 1,
+        "{pdb:?}"
+    );
+    let anti = &of_kind(&two, "Deployment")[0]["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        ["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    ensure!(
+        anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+            && anti["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                == "controller",
+        "{anti:?}"
+    );
+    // An affinity of the user's replaces the default one.
+    let own = render(&[
+        "controller.replicas=2",
+        "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=pool",
+        "controller.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+    ])?;
+    let affinity = &of_kind(&own, "Deployment")[0]["spec"]["template"]["spec"]["affinity"];
+    ensure!(
+        affinity["podAntiAffinity"].is_null() && !affinity["nodeAffinity"].is_null(),
+        "{affinity:?}"
+    );
+    Ok(())
+}
+
+/// `values.schema.json`: the defaults pass `helm lint --strict`; a typo'd key at any level a
+/// user types, or a value of the wrong type or out of range, fails both `helm lint` and
+/// `helm template` with a message naming it; the values the agent's safety flags use are
+/// typed too.
+fn values_schema_refuses_typos() -> Result<()> {
+    let helm = go_tool("helm")?;
+    let chart = repo_root().join("charts/imagegc");
+    let chart = chart.to_string_lossy();
+    run(&helm, &["lint", "--strict", &chart])?;
+    for ok in [
+        "agent.allowForce=true",
+        "agent.prune.minImageAgeSeconds=0",
+        "agent.recursiveReadOnly=Enabled",
+        "agent.maxUnavailable=3",
+        "controller.replicas=2",
+    ] {
+        render(&[ok]).with_context(|| format!("--set {ok}"))?;
+    }
+    for (bad, names) in [
+        ("agent.runAsUsr=0", "runAsUsr"),
+        ("agnet.runAsUser=0", "agnet"),
+        ("agent.prune.minImageAge=60", "minImageAge"),
+        ("containerd.sockets=/run/x.sock", "sockets"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("agent.allowForce=yes", "allowForce"),
+        ("agent.prune.minImageAgeSeconds=-1", "minImageAgeSeconds"),
+        ("controller.replicas=0", "replicas"),
+        ("agent.recursiveReadOnly=Always", "recursiveReadOnly"),
+        (
+            "flowControl.matchingPrecedence=9000000",
+            "matchingPrecedence",
+        ),
+    ] {
+        let lint = Command::new(&helm)
+            .args(["lint", "--strict", &chart, "--set", bad])
+            .output()?;
+        let said = String::from_utf8_lossy(&lint.stdout).into_owned()
+            + &String::from_utf8_lossy(&lint.stderr);
+        ensure!(
+            !lint.status.success() && said.contains("schema") && said.contains(names),
+            "helm lint --set {bad}: {said}"
+        );
+        let err = render(&[bad]).expect_err("a value the schema refuses renders");
+        ensure!(
+            format!("{err:#}").contains(names),
+            "helm template --set {bad}: {err:#}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs the `imagegc check` of the chart's `helm test` Pod (its exact arguments) with
+/// `kubeconfig`, giving up after `timeout` seconds; returns (exit code, stdout, stderr).
+fn hook_check(args: &[String], kubeconfig: &Path, timeout: u64) -> Result<(i32, String, String)> {
+    let out = Command::new(crate::support::imagegc_bin())
+        .args(args)
+        .arg(format!("--timeout-seconds={timeout}"))
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .context("running imagegc check")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `helm install --dry-run=<mode>` of `chart` as release `notes` into `namespace`; its output
+/// (the NOTES included).
+fn dry_run_install(chart: &Path, kubeconfig: &str, namespace: &str, mode: &str) -> Result<String> {
+    run(
+        &go_tool("helm")?,
+        &[
+            "install",
+            "notes",
+            &chart.to_string_lossy(),
+            "--namespace",
+            namespace,
+            "--kubeconfig",
+            kubeconfig,
+            &format!("--dry-run={mode}"),
+        ],
+    )
+}
+
+/// The chart's `helm test` hook and NOTES against a real API server. The hook's Pod cannot run
+/// here (no kubelet), so its exact command runs as a process with a token of the hook's own
+/// ServiceAccount and only the RBAC the hook renders: it fails while the agents are not ready
+/// (saying which check), fails while no agent has written its report, and passes once the
+/// DaemonSet and Deployment report ready (their status written as their controllers would)
+/// and the report exists. The hook's account can read nothing else.
+///
+/// NOTES (`helm install --dry-run=server`, which reads the live Namespace): a warning when the
+/// namespace enforces a Pod Security level that rejects the agent, none when it is
+/// `privileged`, a hint when it has no level; client-side dry runs say they could not check.
+async fn helm_test_hook_and_notes_check_a_real_install() -> Result<()> {
+    let bed = TestBed::start(&Options {
+        nodes: 0,
+        flavor: Flavor::V2,
+        cluster: true,
+    })
+    .await?;
+    crate::operator::install(&bed).await?;
+    let cluster = bed.cluster()?;
+    let kubeconfig = cluster.admin_kubeconfig.to_string_lossy().to_string();
+    let chart = repo_root().join("charts/imagegc");
+    let hook = run(
+        &go_tool("helm")?,
+        &[
+            "template",
+            "imagegc",
+            &chart.to_string_lossy(),
+            "--namespace",
+            NAMESPACE,
+            "--show-only",
+            "templates/tests/check.yaml",
+        ],
+    )?;
+    let docs = documents(&hook)?;
+    let pod = docs
+        .iter()
+        .find(|d| d["kind"] == "Pod")
+        .context("the hook's Pod")?;
+    let container = &pod["spec"]["containers"][0];
+    ensure!(
+        pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+            && container["image"] == "ghcr.io/imagegc/imagegc:0.1.0"
+            && pod["spec"]["securityContext"]["runAsNonRoot"] == true
+            && pod["spec"]["serviceAccountName"] == "imagegc-test",
+        "{pod:?}"
+    );
+    let args: Vec<String> = container["args"]
+        .as_sequence()
+        .context("args")?
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        args.first().map(String::as_str) == Some("check"),
+        "{args:?}"
+    );
+    let rbac: Vec<String> = docs
+        .iter()
+        .filter(|d| d["kind"] != "Pod")
+        .map(serde_yaml::to_string)
+        .collect::<Result<_, _>>()?;
+    let rbac_file = bed.dir().join("hook-rbac.yaml");
+    std::fs::write(&rbac_file, rbac.join("---\n"))?;
+    cluster.apply(&rbac_file, Duration::from_secs(30)).await?;
+    let token = cluster
+        .service_account_token(NAMESPACE, "imagegc-test", None)
+        .await?;
+    let hook_kubeconfig = cluster.token_kubeconfig("hook.kubeconfig", &token)?;
+
+    // Nothing is ready: no kubelet, no DaemonSet or Deployment controller here.
+    let (code, _, err) = hook_check(&args, &hook_kubeconfig, 2)?;
+    ensure!(
+        code == 1
+            && err.contains("DaemonSet imagegc-system/imagegc-agent: 0 of 0 agent pods ready")
+            && err.contains("0 of 1 controller replicas ready")
+            && !err.contains("cannot be listed")
+            && !err.contains("forbidden"),
+        "before anything is ready ({code}): {err}"
+    );
+    // Ready, as the DaemonSet and Deployment controllers would say; no report yet.
+    let generation = cluster.kubectl(&[
+        "get",
+        "daemonset",
+        "imagegc-agent",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ])?;
+    let ds_status = format!(
+        r#"{{"status": {{"observedGeneration": {generation}, "desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1, "updatedNumberScheduled": 1, "numberAvailable": 1}}}}"#
+    );
+    cluster.kubectl(&[
+        "patch",
+        "daemonset",
+        "imagegc-agent",
+        "-n",
+        NAMESPACE,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &ds_status,
+    ])?;
+    cluster.kubectl(&[
+        "patch",
+        "deployment",
+        "imagegc-controller",
+        "-n",
+        NAMESPACE,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}}"#,
+    ])?;
+    let (code, _, err) = hook_check(&args, &hook_kubeconfig, 2)?;
+    ensure!(
+        code == 1 && err.contains("0 NodeImageReports for 1 ready agents"),
+        "ready but no report ({code}): {err}"
+    );
+    // The agent's report: every check passes.
+    let admin = cluster.admin_client().await?;
+    Api::<NodeImageReport>::all(admin.clone())
+        .create(&PostParams::default(), &report("node-a", "node-a"))
+        .await?;
+    let (code, out, err) = hook_check(&args, &hook_kubeconfig, 30)?;
+    ensure!(
+        code == 0
+            && out.contains("ok: imagegc.dev/imageremovals is served")
+            && out.contains(
+                "ok: DaemonSet imagegc-system/imagegc-agent: 1 of 1 agent pods ready, 1 up to date"
+            )
+            && out.contains("ok: 1 NodeImageReports for 1 ready agents"),
+        "all ready ({code}): {out}{err}"
+    );
+    // The hook's account reads only what it checks.
+    let hook_client = client_from_kubeconfig(&hook_kubeconfig).await?;
+    let s = api_error(
+        "the hook's account listing Secrets",
+        Api::<Secret>::namespaced(hook_client.clone(), NAMESPACE)
+            .list(&ListParams::default())
+            .await,
+    )?;
+    ensure!(s.code == 403, "{s:?}");
+    let s = api_error(
+        "the hook's account reading Leases",
+        Api::<Lease>::namespaced(hook_client, NAMESPACE)
+            .get("imagegc-controller")
+            .await,
+    )?;
+    ensure!(s.code == 403, "{s:?}");
+
+    // NOTES, reading the live Namespace's Pod Security level. The test bed's kube-apiserver is
+    // built from source without version stamping and reports v0.0.0-master, which no
+    // `kubeVersion` range admits, so this installs a copy of the chart without `kubeVersion`
+    // (checked on its own: 1.29 refused, 1.30 accepted).
+    let key = "pod-security.kubernetes.io/enforce";
+    let helm = go_tool("helm")?;
+    let err = run(
+        &helm,
+        &[
+            "template",
+            "x",
+            &chart.to_string_lossy(),
+            "--kube-version",
+            "1.29.0",
+        ],
+    )
+    .expect_err("the chart renders for Kubernetes 1.29");
+    ensure!(
+        format!("{err:#}").contains("requires kubeVersion: >=1.30.0-0"),
+        "{err:#}"
+    );
+    run(
+        &helm,
+        &[
+            "template",
+            "x",
+            &chart.to_string_lossy(),
+            "--kube-version",
+            "1.30.0",
+        ],
+    )?;
+    let copy = bed.dir().join("chart-for-notes");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(&chart)
+        .arg(&copy)
+        .status()?;
+    ensure!(copied.success(), "copying the chart");
+    let meta = std::fs::read_to_string(copy.join("Chart.yaml"))?;
+    let meta: String = meta
+        .lines()
+        .filter(|l| !l.starts_with("kubeVersion:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(copy.join("Chart.yaml"), meta)?;
+    for (namespace, level, says) in [
+        (
+            "notes-restricted",
+            Some("restricted"),
+            "WARNING: namespace notes-restricted enforces the \"restricted\" Pod Security level",
+        ),
+        (
+            "notes-baseline",
+            Some("baseline"),
+            "WARNING: namespace notes-baseline enforces the \"baseline\" Pod Security level",
+        ),
+        ("notes-privileged", Some("privileged"), ""),
+        (
+            "notes-unlabelled",
+            None,
+            "has no pod-security.kubernetes.io/enforce label",
+        ),
+    ] {
+        let mut labels = BTreeMap::new();
+        if let Some(level) = level {
+            labels.insert(key.to_string(), level.to_string());
+        }
+        let ns: Namespace = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": namespace, "labels": labels}}),
+        )?;
+        Api::<Namespace>::all(admin.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        let out = dry_run_install(&copy, &kubeconfig, namespace, "server")?;
+        ensure!(
+            out.contains("NOTES:")
+                && out.contains(&format!("helm test notes -n {namespace}"))
+                && out.contains(says)
+                && (!says.is_empty()
+                    || !(out.contains("WARNING") || out.contains("label namespace"))),
+            "{namespace}: {out}"
+        );
+    }
+    let out = dry_run_install(&copy, &kubeconfig, "notes-restricted", "client")?;
+    ensure!(
+        out.contains("could not be read") && !out.contains("WARNING: namespace"),
+        "client-side dry run: {out}"
+    );
     Ok(())
 }
 
@@ -384,6 +786,13 @@ pub fn trials() -> Vec<Trial> {
         Trial::test("chart::renders_presets_and_options", || {
             chart_renders_presets_and_options().map_err(|e| format!("{e:#}").into())
         }),
+        Trial::test("chart::values_schema_refuses_typos", || {
+            values_schema_refuses_typos().map_err(|e| format!("{e:#}").into())
+        }),
+        trial(
+            "chart::helm_test_hook_and_notes_check_a_real_install",
+            helm_test_hook_and_notes_check_a_real_install,
+        ),
         trial(
             "chart::manifests_apply_and_admission_policy_holds",
             manifests_apply_and_policy_holds,

@@ -25,6 +25,11 @@ use crate::support::{NS, import, import_labelled, trial};
 pub const SYSTEM_NS: &str = "imagegc-system";
 const AGENT_SA: &str = "imagegc-agent";
 const CONTROLLER_SA: &str = "imagegc-controller";
+/// The directory the chart mounts for the agent's `--image-fs`, under containerd's root (its
+/// `tmpmounts`, which containerd creates at start-up): the agents here read their image
+/// filesystem's usage
+/// through it too.
+pub const IMAGE_FS_UNDER_ROOT: &str = "tmpmounts";
 /// How long anything the operator does may take here.
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -86,9 +91,9 @@ pub struct Operator {
     controller: Option<Proc>,
     agent_kubeconfigs: Vec<PathBuf>,
     controller_kubeconfig: PathBuf,
-    /// Flags every agent gets after the harness's own (`--image-fs` is always its node's
-    /// containerd root). `--no-allow-force` (a harness word, not an agent flag) starts the
-    /// agents without `--allow-force`.
+    /// Flags every agent gets after the harness's own (`--image-fs` is always the directory
+    /// the chart mounts, inside its node's containerd root). `--no-allow-force` (a harness
+    /// word, not an agent flag) starts the agents without `--allow-force`.
     pub agent_args: Vec<String>,
     /// A cluster-admin client.
     pub admin: Client,
@@ -166,7 +171,11 @@ impl Operator {
             "--listen".into(),
             format!("127.0.0.1:{}", self.agent_ports[i]),
             "--image-fs".into(),
-            self.bed.nodes[i].root.display().to_string(),
+            self.bed.nodes[i]
+                .root
+                .join(IMAGE_FS_UNDER_ROOT)
+                .display()
+                .to_string(),
         ];
         // Unless a test says otherwise: forced removals allowed (the tests of `force` need
         // it), and no minimum image age (the tests' images are seconds old).
@@ -200,6 +209,11 @@ impl Operator {
             &log,
         )?);
         Ok(())
+    }
+
+    /// The kubeconfig node `i`'s agent uses (a token bound to its pod).
+    pub fn agent_kubeconfig(&self, i: usize) -> &std::path::Path {
+        &self.agent_kubeconfigs[i]
     }
 
     /// The /metrics, /livez, /readyz port of node `i`'s agent.
@@ -452,10 +466,12 @@ fn to_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// A token of the agent ServiceAccount bound to a Pod on `node` (the Pod never runs): the API
-/// server adds the node's name to it, as it does for a kubelet-mounted token.
-async fn agent_token(bed: &TestBed, admin: &Client, node: &str) -> Result<String> {
+/// server adds the pod's and the node's names to it, as it does for a kubelet-mounted token.
+/// The Pod is named as the DaemonSet controller names the agent's pods (`imagegc-agent-` and
+/// 5 generated characters), which the admission policy requires.
+pub async fn agent_token(bed: &TestBed, admin: &Client, node: &str) -> Result<String> {
     let pod: Pod = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": format!("agent-{node}"), "namespace": SYSTEM_NS},
+        "metadata": {"generateName": "imagegc-agent-", "namespace": SYSTEM_NS},
         "spec": {"nodeName": node, "serviceAccountName": AGENT_SA,
                  "automountServiceAccountToken": false,
                  "containers": [{"name": "agent", "image": "imagegc:test"}]}

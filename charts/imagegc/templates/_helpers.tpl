@@ -99,3 +99,31 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* The agent DaemonSet's name. */}}
+{{- define "imagegc.agentDaemonSet" -}}
+{{- printf "%s-agent" (include "imagegc.fullname" .) }}
+{{- end }}
+
+{{/* What the names of the agent DaemonSet's pods start with: the DaemonSet controller asks for
+`<DaemonSet name>-` plus 5 generated characters, and the API server cuts the prefix to 58. */}}
+{{- define "imagegc.agentPodPrefix" -}}
+{{- printf "%s-" (include "imagegc.agentDaemonSet" .) | trunc 58 }}
+{{- end }}
+
+{{/* The directory the agent reads its image filesystem's usage from: `tmpmounts` in
+containerd's root, which containerd creates at start-up (1.x and 2.x) for the short-lived
+mounts it makes while reading an image's files; it is empty otherwise. */}}
+{{- define "imagegc.imageFsPath" -}}
+{{- printf "%s/tmpmounts" (include "imagegc.containerdRoot" .) }}
+{{- end }}
+
+{{/* Options of the agent's hostPath mounts: read-only, recursively where supported, and no
+mount propagation (which recursive read-only requires). */}}
+{{- define "imagegc.hostMountOptions" -}}
+readOnly: true
+{{- if ne .Values.agent.recursiveReadOnly "Disabled" }}
+recursiveReadOnly: {{ .Values.agent.recursiveReadOnly }}
+{{- end }}
+mountPropagation: None
+{{- end }}
