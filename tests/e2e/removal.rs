@@ -1,6 +1,7 @@
 //! Removal, judged against containerd's own CRI `RemoveImage`: for each scenario two nodes get
 //! identical states; imagegc removes on one, CRI on the other, and the remaining image records
-//! and content blobs must be identical. Then the deliberate differences, each with its own test:
+//! and content blobs must be identical — with each backend: containerd's own API, and the CRI
+//! backend on containerd's CRI socket. Then the deliberate differences, each with its own test:
 //! pinned images are never removed, images in use only with force, bad input touches nothing,
 //! and an interrupted removal is finished by the next run.
 
@@ -8,10 +9,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
-use imagegc::containerd::{self, Runtime};
+use imagegc::containerd::Runtime;
 use imagegc::core::inventory::PENDING_LABEL;
 use imagegc::core::plan::{self, Request};
 use imagegc::core::platform::{Matcher, Platform};
+use imagegc::runtime::{Backend, Connector};
 use libtest_mimic::Trial;
 use testbed::Flavor;
 use testbed::image::{self, BuiltImage, ImageBuilder};
@@ -281,9 +283,21 @@ async fn setup(socket: &Path, scenario: &Scenario) -> Result<()> {
     testbed::cri::wait_synced(socket, &ids, &refs).await
 }
 
-/// Removes `images` from `socket` through the library, as `imagegc rmi` does.
-pub async fn remove(socket: &Path, images: &[String], force: bool) -> Result<Vec<&'static str>> {
-    let rt = Runtime::connect(socket, NS).await?;
+/// Removes `images` from `socket` through the library with `backend`, as `imagegc rmi` does.
+pub async fn remove(
+    socket: &Path,
+    images: &[String],
+    force: bool,
+    backend: Backend,
+) -> Result<Vec<&'static str>> {
+    let rt = Connector::new(Some(socket.into()), backend, NS)
+        .connect(false)
+        .await?;
+    ensure!(
+        backend == Backend::Auto || rt.backend() == backend.as_str(),
+        "asked for {backend:?}, got {}",
+        rt.backend()
+    );
     let matcher = Matcher::only(Platform::host());
     let inv = rt.inventory(&matcher).await?;
     let plan = plan::plan(
@@ -294,11 +308,11 @@ pub async fn remove(socket: &Path, images: &[String], force: bool) -> Result<Vec
         &inv,
     );
     let kinds = plan.items.iter().map(|i| i.outcome.kind()).collect();
-    containerd::execute(&rt, plan).await?;
+    rt.execute(plan).await?;
     Ok(kinds)
 }
 
-async fn differential(flavor: Flavor, scenario: Scenario) -> Result<()> {
+async fn differential(flavor: Flavor, backend: Backend, scenario: Scenario) -> Result<()> {
     let bed = nodes(flavor, 2).await?;
     let (ours, oracle) = (&bed.nodes[0].socket, &bed.nodes[1].socket);
     setup(ours, &scenario).await?;
@@ -310,7 +324,7 @@ async fn differential(flavor: Flavor, scenario: Scenario) -> Result<()> {
         "the two nodes differ before removal"
     );
 
-    let kinds = remove(ours, &scenario.remove, false).await?;
+    let kinds = remove(ours, &scenario.remove, false, backend).await?;
     ensure!(
         kinds == scenario.expect,
         "imagegc reported {kinds:?}, expected {:?}",
@@ -595,7 +609,13 @@ pub fn trials() -> Vec<Trial> {
         for (name, scenario) in scenarios() {
             out.push(trial(
                 format!("removal::differential::{f}::{name}"),
-                move || differential(flavor, scenario),
+                move || differential(flavor, Backend::Containerd, scenario),
+            ));
+        }
+        for (name, scenario) in scenarios() {
+            out.push(trial(
+                format!("removal::differential::{f}::cri::{name}"),
+                move || differential(flavor, Backend::Cri, scenario),
             ));
         }
         out.push(trial(
