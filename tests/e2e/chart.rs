@@ -270,30 +270,53 @@ fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml:
 }
 
 fn chart_renders_presets_and_options() -> Result<()> {
-    for (set, want, root) in [
+    for (set, want, root, runtime) in [
         (
             vec![],
             "/run/containerd/containerd.sock",
             "/var/lib/containerd",
+            "containerd",
         ),
         (
             vec!["containerd.preset=k3s"],
             "/run/k3s/containerd/containerd.sock",
             "/var/lib/rancher/k3s/agent/containerd",
+            "containerd",
+        ),
+        (
+            vec!["containerd.preset=rke2"],
+            "/run/k3s/containerd/containerd.sock",
+            "/var/lib/rancher/rke2/agent/containerd",
+            "containerd",
         ),
         (
             vec!["containerd.preset=microk8s"],
             "/var/snap/microk8s/common/run/containerd.sock",
             "/var/snap/microk8s/common/var/lib/containerd",
+            "containerd",
+        ),
+        (
+            vec!["containerd.preset=k0s"],
+            "/run/k0s/containerd.sock",
+            "/var/lib/k0s/containerd",
+            "containerd",
+        ),
+        (
+            vec!["containerd.preset=crio"],
+            "/var/run/crio/crio.sock",
+            "/var/lib/containers/storage",
+            "cri",
         ),
         (
             vec![
                 "containerd.preset=k3s",
                 "containerd.socket=/custom/c.sock",
                 "containerd.root=/custom/root",
+                "containerd.runtime=auto",
             ],
             "/custom/c.sock",
             "/custom/root",
+            "auto",
         ),
     ] {
         let docs = render(&set)?;
@@ -335,6 +358,7 @@ fn chart_renders_presets_and_options() -> Result<()> {
                 && container["volumeMounts"][1]["mountPath"] == root
                 && container["volumeMounts"][1]["readOnly"] == true
                 && args.contains(&format!("--image-fs={root}").as_str())
+                && args.contains(&format!("--runtime={runtime}").as_str())
                 && args.iter().any(|a| a.starts_with("--own-image="))
                 && args.contains(&"--protect=registry.k8s.io/pause:*"),
             "{set:?}: volumes {:?}, args {args:?}",
@@ -354,7 +378,13 @@ fn chart_renders_presets_and_options() -> Result<()> {
     );
     let err = render(&["containerd.preset=nope"]).expect_err("an unknown preset renders");
     ensure!(
-        format!("{err:#}").contains("containerd.preset \"nope\" is unknown"),
+        format!("{err:#}").contains("containerd.preset \"nope\" is unknown")
+            && format!("{err:#}").contains("k0s or crio"),
+        "{err:#}"
+    );
+    let err = render(&["containerd.runtime=docker"]).expect_err("an unknown runtime renders");
+    ensure!(
+        format!("{err:#}").contains("containerd.runtime must be auto, containerd or cri"),
         "{err:#}"
     );
 
