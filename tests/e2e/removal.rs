@@ -602,8 +602,46 @@ async fn interrupted_removal_is_finished(flavor: Flavor, marks: Marks) -> Result
     Ok(())
 }
 
+/// The agent with `--runtime cri` on containerd's CRI socket: an ImageRemoval is executed
+/// through the CRI backend (every name of the image goes, by ID) and reported, and the agent
+/// says which runtime it chose.
+async fn agent_on_the_cri_backend() -> Result<()> {
+    let mut op = crate::operator::Operator::start(&[&[]]).await?;
+    op.stop_agent(0);
+    op.agent_args = vec!["--runtime".into(), "cri".into()];
+    op.start_agent(0)?;
+    let socket = op.socket(0);
+    let app = ImageBuilder::new("cri-agent-app").build();
+    let names = ["docker.io/library/app:1", "docker.io/library/app:2"];
+    import(&socket, &app, &names).await?;
+    testbed::cri::wait_synced(&socket, &[app.id()], &names).await?;
+    op.create_removal("app", serde_json::json!({"images": ["app:2"]}))
+        .await?;
+    let r = op.wait_result(0, "app").await?;
+    ensure!(
+        r.images.len() == 1 && r.images[0].outcome == "Removed",
+        "{r:?}"
+    );
+    let left = image::image_names(&socket, NS).await?;
+    ensure!(
+        !left
+            .iter()
+            .any(|n| names.contains(&n.as_str()) || *n == app.id()),
+        "left after the agent's CRI removal: {left:?}"
+    );
+    let log = op.agent_log(0);
+    ensure!(
+        log.contains("container runtime chosen") && log.contains("CRI API"),
+        "the agent does not say it chose CRI:\n{log}"
+    );
+    Ok(())
+}
+
 pub fn trials() -> Vec<Trial> {
-    let mut out = Vec::new();
+    let mut out = vec![trial(
+        "removal::agent_on_the_cri_backend",
+        agent_on_the_cri_backend,
+    )];
     for flavor in FLAVORS {
         let f = flavor.label();
         for (name, scenario) in scenarios() {
