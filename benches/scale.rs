@@ -44,6 +44,7 @@ use imagegc::api::{ImagePrunePolicy, ImageRemoval, NodeImageReport};
 use imagegc::containerd::{self, Runtime};
 use imagegc::core::plan::{self, Request};
 use imagegc::core::platform::{Matcher, Platform};
+use imagegc::runtime::Backend;
 use imagegc::serve::{LogFormat, Shutdown, Trigger};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -146,7 +147,8 @@ impl SimNode {
     fn agent_args(&self, jitter: u32) -> AgentArgs {
         AgentArgs {
             node_name: self.name.clone(),
-            socket: self.socket.clone(),
+            socket: Some(self.socket.clone()),
+            runtime: Backend::Containerd,
             namespace: self.namespace.clone(),
             listen: ([127, 0, 0, 1], 0).into(),
             inventory_interval_seconds: Duration::from_secs(300),

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing imagegc needs on a fresh Debian machine, then builds the
 # Go test binaries into the cache (hack/tools.sh). Safe to run again: it skips what is there.
+#
+#   hack/deps.sh         everything `make test` needs
+#   hack/deps.sh crio    and what the CRI-O tests need (make e2e-crio): CRI-O built from its
+#                        Go module, conmon and skopeo from Debian
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 packages=(containerd runc protobuf-compiler util-linux ca-certificates python3 python3-venv)
+if [ "${1:-}" = crio ]; then packages+=(conmon skopeo); fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,3 +27,4 @@ command -v protoc >/dev/null || { echo "deps: protoc is missing after install" >
 command -v setpriv >/dev/null || { echo "deps: setpriv (util-linux) is missing after install" >&2; exit 1; }
 
 bash "$here/tools.sh" all
+if [ "${1:-}" = crio ]; then bash "$here/tools.sh" path crio >/dev/null; fi

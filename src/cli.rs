@@ -7,20 +7,26 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::containerd::{self, Runtime, RuntimeError};
+use crate::containerd;
 use crate::core::inventory::{CriImage, ImageRecord, Inventory};
 use crate::core::last_used::{self, Seen};
 use crate::core::plan::{self, Outcome, Request};
 use crate::core::platform::{Matcher, Platform};
 use crate::core::prune::human_duration;
+use crate::runtime::{Backend, Connector, Runtime, RuntimeError};
 
-/// Where to find containerd.
+/// Where to find the container runtime.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Target {
-    /// containerd's gRPC socket.
-    #[arg(long, env = "IMAGEGC_SOCKET", default_value = containerd::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-    /// containerd namespace (the CRI plugin uses k8s.io).
+    /// The runtime's gRPC socket (default: the first of the known sockets of containerd,
+    /// k3s/RKE2, microk8s, k0s and CRI-O that answers).
+    #[arg(long, env = "IMAGEGC_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Which API to use: containerd's own (full semantics), CRI (CRI-O, any CRI runtime), or
+    /// auto (containerd's where the socket serves it, else CRI).
+    #[arg(long, env = "IMAGEGC_RUNTIME", value_enum, default_value = "auto")]
+    pub runtime: Backend,
+    /// containerd namespace (the CRI plugin uses k8s.io; not used with CRI).
     #[arg(long, short = 'n', env = "IMAGEGC_NAMESPACE", default_value = containerd::DEFAULT_NAMESPACE)]
     pub namespace: String,
     /// Platform whose manifest defines an image's ID, as os/arch[/variant] (default: this host).
@@ -31,6 +37,12 @@ pub struct Target {
 impl Target {
     fn matcher(&self) -> Matcher {
         Matcher::only(self.platform.clone().unwrap_or_else(Platform::host))
+    }
+
+    async fn connect(&self) -> Result<Runtime, RuntimeError> {
+        Connector::new(self.socket.clone(), self.runtime, &self.namespace)
+            .connect(false)
+            .await
     }
 }
 
@@ -148,15 +160,10 @@ pub fn render_images(
 
 /// `imagegc images`.
 pub async fn images(target: &Target, format: Format, out: &mut impl Write) -> Result<(), CliError> {
-    let rt = Runtime::connect(&target.socket, &target.namespace).await?;
+    let rt = target.connect().await?;
     let (inv, records) = rt.inventory_and_records(&target.matcher()).await?;
     if inv.images.is_empty() && matches!(format, Format::Table) {
-        writeln!(
-            out,
-            "no images in namespace {} at {}",
-            target.namespace,
-            target.socket.display()
-        )?;
+        writeln!(out, "no images in {}", rt.location())?;
         return Ok(());
     }
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
@@ -174,7 +181,7 @@ pub async fn rmi(
     dry_run: bool,
     out: &mut impl Write,
 ) -> Result<bool, CliError> {
-    let rt = Runtime::connect(&target.socket, &target.namespace).await?;
+    let rt = target.connect().await?;
     let matcher = target.matcher();
     let inv = rt.inventory(&matcher).await?;
     let plan = plan::plan(
@@ -219,15 +226,24 @@ pub async fn rmi(
         )?;
         return Ok(ok);
     }
-    let done = containerd::execute(&rt, plan).await?;
-    if !done.deleted.is_empty() || !done.already_gone.is_empty() {
-        writeln!(
+    let done = rt.execute(plan).await?;
+    match rt {
+        Runtime::Containerd(_) if !done.deleted.is_empty() || !done.already_gone.is_empty() => {
+            writeln!(
+                out,
+                "deleted {} record(s); {} of content freed; {} garbage collection(s)",
+                done.deleted.len(),
+                human_bytes(done.freed_bytes),
+                done.gc_runs
+            )?
+        }
+        Runtime::Cri(_) if !done.deleted.is_empty() => writeln!(
             out,
-            "deleted {} record(s); {} of content freed; {} garbage collection(s)",
+            "removed {} image(s) by ID through CRI RemoveImage; up to {} freed (the runtime's image sizes)",
             done.deleted.len(),
             human_bytes(done.freed_bytes),
-            done.gc_runs
-        )?;
+        )?,
+        _ => {}
     }
     Ok(ok)
 }
@@ -235,7 +251,7 @@ pub async fn rmi(
 /// Errors of the local commands.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// containerd could not be reached or refused a call.
+    /// The container runtime could not be reached or refused a call.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     /// Generating the CRDs failed.

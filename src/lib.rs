@@ -5,8 +5,11 @@
 //! Layout mirrors the architecture:
 //! - [`core`]: pure functions over plain data — reference grammar, platform selection,
 //!   the CRI view of a namespace, resolution and planning. No sockets, no clocks.
-//! - [`containerd`]: the thin gRPC shell that reads a namespace into the core's types and
-//!   executes a plan.
+//! - [`runtime`]: the node's container runtime, whichever it is: socket detection, the
+//!   backend choice, one error type. Its two backends are thin gRPC shells that read the
+//!   node's images into the core's types and execute a plan:
+//!   - [`containerd`]: containerd's own API (full semantics, crash-safe journal, labels);
+//!   - [`cri`]: the CRI API alone (CRI-O and any CRI runtime), removal by image ID.
 //! - [`api`]: the Kubernetes objects (CRDs generated from these types).
 //! - [`agent`]: `imagegc agent`, the per-node DaemonSet.
 //! - [`controller`]: `imagegc controller` — folds NodeImageReports into ImageRemoval status.
@@ -22,6 +25,8 @@ pub mod cli;
 pub mod containerd;
 pub mod controller;
 pub mod core;
+pub mod cri;
 pub mod events;
+pub mod runtime;
 pub mod serve;
 pub mod watch;

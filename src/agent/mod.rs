@@ -36,7 +36,7 @@ use crate::api::{
     ImagePrunePolicy, ImageRemoval, InventorySummary, NodeImageReport, NodeImageReportStatus,
     PolicyRun, RemovalPhase, RemovalResult,
 };
-use crate::containerd::{self, Runtime, RuntimeError};
+use crate::containerd;
 use crate::core::inventory::{ImageRecord, Inventory};
 use crate::core::last_used;
 use crate::core::plan::{self, Request};
@@ -44,6 +44,7 @@ use crate::core::platform::{Matcher, Platform};
 use crate::core::prune::{Protected, Protections};
 use crate::core::reference;
 use crate::events::{Publisher, Severity};
+use crate::runtime::{Backend, Connector, Runtime, RuntimeError};
 use crate::serve::{self, Health, LogFormat, Shutdown};
 use metrics::Metrics;
 use report::Key;
@@ -64,10 +65,15 @@ pub struct AgentArgs {
     /// This node's name (from the downward API: `spec.nodeName`).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// containerd's gRPC socket.
-    #[arg(long, env = "IMAGEGC_SOCKET", default_value = containerd::DEFAULT_SOCKET)]
-    pub socket: std::path::PathBuf,
-    /// containerd namespace (the CRI plugin uses k8s.io).
+    /// The runtime's gRPC socket (default: the first of the known sockets of containerd,
+    /// k3s/RKE2, microk8s, k0s and CRI-O that answers).
+    #[arg(long, env = "IMAGEGC_SOCKET")]
+    pub socket: Option<std::path::PathBuf>,
+    /// Which API to use: containerd's own, CRI (CRI-O, any CRI runtime), or auto
+    /// (containerd's where the socket serves it, else CRI).
+    #[arg(long, env = "IMAGEGC_RUNTIME", value_enum, default_value = "auto")]
+    pub runtime: Backend,
+    /// containerd namespace (the CRI plugin uses k8s.io; not used with CRI).
     #[arg(long, env = "IMAGEGC_NAMESPACE", default_value = containerd::DEFAULT_NAMESPACE)]
     pub namespace: String,
     /// Address for /metrics, /livez and /readyz.
@@ -247,10 +253,10 @@ async fn run_node(
         shutdown.clone(),
     );
 
+    let connector = Connector::new(args.socket.clone(), args.runtime, &args.namespace);
     let stamp_due = Arc::new(AtomicBool::new(false));
     tokio::spawn(follow_container_creations(
-        args.socket.clone(),
-        args.namespace.clone(),
+        connector.clone(),
         stamp_due.clone(),
         changed.clone(),
         shutdown.clone(),
@@ -260,8 +266,7 @@ async fn run_node(
         reports: Api::all(client.clone()),
         events: Publisher::new(client, EVENT_CONTROLLER, &args.node_name),
         node: args.node_name.clone(),
-        socket: args.socket.clone(),
-        namespace: args.namespace.clone(),
+        connector,
         matcher: Matcher::only(Platform::host()),
         runtime: None,
         pods: pods.clone(),
@@ -291,8 +296,9 @@ async fn run_node(
     };
     tracing::info!(
         node = %agent.node,
-        socket = %agent.socket.display(),
-        namespace = %agent.namespace,
+        socket = ?args.socket,
+        runtime = args.runtime.as_str(),
+        namespace = %args.namespace,
         "agent starting"
     );
 
@@ -330,12 +336,12 @@ async fn run_node(
     Ok(())
 }
 
-/// Follows containerd's container creations in `namespace` until `shutdown`: each one sets
-/// `stamp_due` and pings `changed`, so the image's last-used label is written within moments,
-/// not at the next inventory pass. Reconnects with backoff when containerd goes away.
+/// Follows the runtime's container creations until `shutdown`: each one sets `stamp_due` and
+/// pings `changed`, so the image's last-used label is written within moments, not at the next
+/// inventory pass. Reconnects with backoff when the runtime goes away. (containerd only: the
+/// CRI backend sees containers at each inventory.)
 async fn follow_container_creations(
-    socket: std::path::PathBuf,
-    namespace: String,
+    connector: Connector,
     stamp_due: Arc<AtomicBool>,
     changed: Arc<Notify>,
     mut shutdown: Shutdown,
@@ -343,7 +349,7 @@ async fn follow_container_creations(
     let mut attempt = 0;
     while !shutdown.requested() {
         let subscribed = async {
-            let rt = Runtime::connect(&socket, &namespace).await?;
+            let rt = connector.connect(false).await?;
             rt.container_creations().await
         }
         .await;
@@ -427,8 +433,7 @@ struct Agent {
     reports: Api<NodeImageReport>,
     events: Publisher,
     node: String,
-    socket: std::path::PathBuf,
-    namespace: String,
+    connector: Connector,
     matcher: Matcher,
     runtime: Option<Runtime>,
     /// The node's own pods (slimmed): their images count as in use.
@@ -670,12 +675,13 @@ impl Agent {
         next
     }
 
-    /// Connects (once) to containerd, remembering a working connection.
+    /// Connects (once) to the runtime, remembering a working connection; the choice of socket
+    /// and backend is logged.
     async fn runtime(&mut self) -> Result<Runtime, RuntimeError> {
         if let Some(rt) = &self.runtime {
             return Ok(rt.clone());
         }
-        let rt = Runtime::connect(&self.socket, &self.namespace).await?;
+        let rt = self.connector.connect(true).await?;
         self.runtime = Some(rt.clone());
         Ok(rt)
     }
@@ -694,12 +700,10 @@ impl Agent {
         self.health.set_ready(ok);
         if ok != self.containerd_ok {
             match &result {
-                Ok(_) => {
-                    tracing::info!(socket = %self.socket.display(), "containerd answers again")
-                }
+                Ok(_) => tracing::info!("the container runtime answers again"),
                 Err(e) => tracing::warn!(
                     error = %e,
-                    "containerd does not answer; not ready, retrying until it does"
+                    "the container runtime does not answer; not ready, retrying until it does"
                 ),
             }
             self.containerd_ok = ok;
@@ -716,10 +720,9 @@ impl Agent {
         let rt = self.runtime().await?;
         self.stamp_first_seen_and_last_used(&rt, &inv, &records)
             .await;
-        let sizes = rt.content_sizes().await?;
         let summary = InventorySummary {
             images: inv.images.len() as i32,
-            bytes: sizes.values().sum(),
+            bytes: rt.image_bytes().await?,
             pinned: inv.images.values().filter(|i| i.pinned).count() as i32,
             in_use: inv
                 .images
@@ -808,7 +811,7 @@ impl Agent {
         let mut freed = 0;
         if !spec.dry_run && !report::blocked(&plan) {
             let rt = self.runtime().await?;
-            let executed = containerd::execute(&rt, plan.clone()).await;
+            let executed = rt.execute(plan.clone()).await;
             let executed = match executed {
                 Ok(done) => done,
                 Err(e) => {

@@ -17,12 +17,12 @@ use crate::api::{
     ImagePrunePolicy, MAX_MESSAGE, MAX_POLICIES, MAX_POLICY_IMAGES, MAX_REFERENCES, PolicyRun,
     PrunedImage, Trigger,
 };
-use crate::containerd::{self, RuntimeError};
 use crate::core::plan::{self, Outcome, Plan, Request};
 use crate::core::policy::{self, Compiled};
 use crate::core::prune::{self, Choice, Usage};
 use crate::core::schedule;
 use crate::events::{Severity, truncate};
+use crate::runtime::RuntimeError;
 
 /// When a scheduled policy next runs on this node, for the generation it was computed for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -499,12 +499,10 @@ impl Agent {
                 &inv,
             );
             if !compiled.dry_run && !report::blocked(&plan) {
-                let done = containerd::execute(&rt, plan.clone())
-                    .await
-                    .inspect_err(|_| {
-                        self.runtime = None;
-                        self.health.set_ready(false);
-                    })?;
+                let done = rt.execute(plan.clone()).await.inspect_err(|_| {
+                    self.runtime = None;
+                    self.health.set_ready(false);
+                })?;
                 freed = done.freed_bytes;
                 executed = true;
                 // The node's images changed: report them with the run.

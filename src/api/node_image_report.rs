@@ -84,7 +84,8 @@ pub struct NodeImageReportStatus {
 pub struct InventorySummary {
     /// CRI images (grouped by ID).
     pub images: i32,
-    /// Their content size (shared layers counted once).
+    /// Their content size (shared layers counted once); on the CRI backend, the image
+    /// filesystem's usage as the runtime reports it.
     pub bytes: i64,
     /// Pinned images.
     pub pinned: i32,

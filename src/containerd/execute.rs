@@ -24,17 +24,20 @@ pub const DELETE_CONCURRENCY: usize = 8;
 pub struct Executed {
     /// The plan that was carried out.
     pub plan: Plan,
-    /// Record names deleted.
+    /// Record names deleted (CRI backend: the IDs of the images removed).
     pub deleted: Vec<String>,
-    /// Record names already gone when their delete ran (someone else removed them).
+    /// Record names already gone when their delete ran (someone else removed them; CRI
+    /// backend: image IDs no longer listed when the batch started).
     pub already_gone: Vec<String>,
     /// Bytes of content blobs that left the namespace's content store during this run: the
     /// compressed layers, configs, manifests and indexes that garbage collection released.
     /// Unpacked snapshots are not counted (they are freed too, but containerd reports no
     /// size for them cheaply). Content another namespace still holds stays on disk.
+    /// CRI backend: the runtime's sizes of the images removed (layers they shared with other
+    /// images counted with each, so an upper bound).
     pub freed_bytes: i64,
     /// Synchronous garbage collections run (1 per batch that deleted anything; more only if
-    /// verification had to delete again).
+    /// verification had to delete again). CRI backend: 0, the runtime collects on its own.
     pub gc_runs: u32,
 }
 

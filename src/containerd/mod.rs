@@ -22,6 +22,8 @@ use containerd_client::tonic::{
 };
 use serde::Deserialize;
 
+pub use crate::runtime::RuntimeError;
+
 use crate::core::inventory::{ContainerRecord, ImageRecord, Inventory, Journal};
 use crate::core::manifest::{self, Descriptor, ManifestError, Selection};
 use crate::core::platform::Matcher;
@@ -37,57 +39,8 @@ const READ_CONCURRENCY: usize = 16;
 /// CRI's container metadata extension, which names the image a container was created from.
 const CRI_CONTAINER_METADATA: &str = "io.cri-containerd.container.metadata";
 
-/// Errors talking to containerd, each naming the socket or object and what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    /// The socket file does not exist.
-    #[error(
-        "containerd socket {0} does not exist: is containerd running, and is this the right path (--socket)?"
-    )]
-    SocketMissing(PathBuf),
-    /// The socket exists but we may not connect.
-    #[error(
-        "permission denied on containerd socket {0}: run as root or as a user allowed to use it"
-    )]
-    PermissionDenied(PathBuf),
-    /// Connecting failed for another reason.
-    #[error("cannot connect to containerd at {socket}: {reason}")]
-    Connect {
-        /// The socket.
-        socket: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// The namespace name is not valid for containerd.
-    #[error(
-        "invalid containerd namespace {0:?}: use letters, digits, '.', '_' and '-' (e.g. k8s.io)"
-    )]
-    InvalidNamespace(String),
-    /// A gRPC call failed.
-    #[error("containerd {op} failed: {status}")]
-    Call {
-        /// The operation, with its object.
-        op: String,
-        /// The gRPC status.
-        status: Box<Status>,
-    },
-}
-
-impl RuntimeError {
-    /// A stable label for metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            RuntimeError::SocketMissing(_) => "socket_missing",
-            RuntimeError::PermissionDenied(_) => "permission_denied",
-            RuntimeError::Connect { .. } => "connect",
-            RuntimeError::InvalidNamespace(_) => "invalid_namespace",
-            RuntimeError::Call { .. } => "call",
-        }
-    }
-}
-
 fn call_err(op: impl Into<String>) -> impl FnOnce(Status) -> RuntimeError {
-    let op = op.into();
+    let op = format!("containerd {}", op.into());
     move |status| RuntimeError::Call {
         op,
         status: Box::new(status),
@@ -106,7 +59,8 @@ pub struct Runtime {
     selections: Arc<Mutex<HashMap<String, Selection>>>,
 }
 
-fn valid_namespace(ns: &str) -> bool {
+/// Whether `ns` is a valid containerd namespace name.
+pub fn valid_namespace(ns: &str) -> bool {
     // containerd's identifier grammar: alphanumeric runs joined by single '.', '_' or '-'.
     !ns.is_empty()
         && ns.len() <= 76
@@ -124,26 +78,7 @@ impl Runtime {
         let namespace_value = namespace
             .parse()
             .map_err(|_| RuntimeError::InvalidNamespace(namespace.to_string()))?;
-        // Probe synchronously first: tonic reports every failure as "transport error".
-        if let Err(e) = std::os::unix::net::UnixStream::connect(socket) {
-            return Err(match e.kind() {
-                std::io::ErrorKind::NotFound => RuntimeError::SocketMissing(socket.into()),
-                std::io::ErrorKind::PermissionDenied => {
-                    RuntimeError::PermissionDenied(socket.into())
-                }
-                _ => RuntimeError::Connect {
-                    socket: socket.into(),
-                    reason: e.to_string(),
-                },
-            });
-        }
-        let channel =
-            containerd_client::connect(socket)
-                .await
-                .map_err(|e| RuntimeError::Connect {
-                    socket: socket.into(),
-                    reason: e.to_string(),
-                })?;
+        let channel = crate::runtime::channel(socket).await?;
         Ok(Runtime {
             channel,
             namespace: namespace_value,

@@ -105,6 +105,33 @@ pub struct CriImage {
     pub content: BTreeSet<String>,
 }
 
+/// One image as a CRI runtime lists it (`ListImages`): what the CRI backend has instead of
+/// records and content.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListedImage {
+    /// The runtime's image ID, as the runtime spells it (CRI-O: bare hex; containerd:
+    /// `sha256:<hex>`).
+    pub id: String,
+    /// Its tags (`docker.io/library/nginx:1.27`).
+    pub repo_tags: Vec<String>,
+    /// Its digest references (`docker.io/library/nginx@sha256:…`).
+    pub repo_digests: Vec<String>,
+    /// Its size as the runtime reports it.
+    pub size: i64,
+    /// The runtime's `pinned` flag (the sandbox image, `pinned_images`).
+    pub pinned: bool,
+}
+
+/// An image ID in the core's spelling: a bare 64-hex ID (CRI-O's) gets `sha256:`.
+pub fn normalize_id(id: &str) -> String {
+    let bare = id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if bare {
+        format!("sha256:{id}")
+    } else {
+        id.to_string()
+    }
+}
+
 /// A record that is not a CRI image, and why (its manifest or config cannot be read, or no
 /// manifest matches the node's platform). Such records are never touched.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,13 +251,67 @@ impl Inventory {
         inv
     }
 
+    /// The CRI view from a CRI runtime's own listing: each listed image is one image whose
+    /// references are its tags, its digest references and its ID (as containerd's
+    /// `sha256:<id>` record is), in CRI order. IDs are normalized ([`normalize_id`]); the
+    /// content of an image is unknown to CRI, so it is its ID alone (no layer is known to be
+    /// shared or exclusive).
+    pub fn from_cri(images: &[ListedImage], containers: &[ContainerRecord]) -> Inventory {
+        let mut inv = Inventory::default();
+        for listed in images {
+            let id = normalize_id(&listed.id);
+            let mut refs: Vec<String> = listed
+                .repo_tags
+                .iter()
+                .chain(&listed.repo_digests)
+                .chain(std::iter::once(&id))
+                .cloned()
+                .collect();
+            refs.sort();
+            refs.dedup();
+            for r in &refs {
+                inv.ref_to_id.insert(r.clone(), id.clone());
+            }
+            let image = inv.images.entry(id.clone()).or_insert_with(|| CriImage {
+                id: id.clone(),
+                references: Vec::new(),
+                size: 0,
+                pinned: false,
+                used_by: Vec::new(),
+                content: BTreeSet::from([id.clone()]),
+            });
+            refs.append(&mut image.references);
+            refs.sort();
+            refs.dedup();
+            image.references = sort_references(&refs);
+            image.size = image.size.max(listed.size);
+            image.pinned |= listed.pinned;
+        }
+        for c in containers {
+            let c = ContainerRecord {
+                image_ref: c.image_ref.as_deref().map(normalize_id),
+                ..c.clone()
+            };
+            if let Some(id) = inv.image_of_container(&c)
+                && let Some(image) = inv.images.get_mut(&id)
+            {
+                image.used_by.push(c.id.clone());
+            }
+        }
+        inv
+    }
+
     /// The image a container uses: its CRI `ImageRef` if that is a known image, else its image
     /// name resolved as CRI resolves a user's string.
     fn image_of_container(&self, c: &ContainerRecord) -> Option<String> {
-        if let Some(r) = &c.image_ref
-            && self.images.contains_key(r)
-        {
-            return Some(r.clone());
+        if let Some(r) = &c.image_ref {
+            if self.images.contains_key(r) {
+                return Some(r.clone());
+            }
+            // CRI runtimes may give a digest reference instead of the ID.
+            if let Some(id) = self.ref_to_id.get(r) {
+                return Some(id.clone());
+            }
         }
         if let Some(id) = self.ref_to_id.get(&c.image) {
             return Some(id.clone());
@@ -695,5 +776,87 @@ mod tests {
         let inv = Inventory::build(&[], &BTreeMap::new(), &[container("c", "nginx", None)]);
         assert_eq!(inv, Inventory::default());
         assert!(inv.ids().is_empty());
+    }
+
+    fn listed(id: &str, tags: &[&str], digests: &[&str], pinned: bool) -> ListedImage {
+        ListedImage {
+            id: id.into(),
+            repo_tags: strings(tags),
+            repo_digests: strings(digests),
+            size: 1234,
+            pinned,
+        }
+    }
+
+    #[test]
+    fn a_cri_listing_is_the_same_view_as_the_records_it_came_from() {
+        // CRI-O spells IDs as bare hex; containerd with `sha256:`.
+        let nginx_hex = "c1".repeat(32);
+        let nginx_id = format!("sha256:{nginx_hex}");
+        let redis_id = digest(0xc2);
+        let nginx_digest_ref = format!("docker.io/library/nginx@{}", digest(0x11));
+        let images = [
+            listed(
+                &nginx_hex,
+                &[
+                    "docker.io/library/nginx:latest",
+                    "docker.io/library/nginx:1.25",
+                ],
+                &[&nginx_digest_ref],
+                false,
+            ),
+            listed(&redis_id, &["registry.k8s.io/pause:3.10"], &[], true),
+        ];
+        let containers = [
+            // CRI-O: the bare ID.
+            container("c1", "whatever", Some(&nginx_hex)),
+            // A digest reference instead of the ID.
+            container("c2", "x", Some(&nginx_digest_ref)),
+            // Only the image name.
+            container("c3", "nginx:1.25", None),
+            container("c4", "unknown:1", Some("sha256:ffff")),
+        ];
+        let inv = Inventory::from_cri(&images, &containers);
+        assert_eq!(inv.ids(), [nginx_id.clone(), redis_id.clone()].into());
+        let nginx = &inv.images[&nginx_id];
+        assert_eq!(
+            nginx.references,
+            strings(&[
+                "docker.io/library/nginx:1.25",
+                "docker.io/library/nginx:latest",
+                &nginx_digest_ref,
+                &nginx_id,
+            ])
+        );
+        assert_eq!(nginx.used_by, strings(&["c1", "c2", "c3"]));
+        assert_eq!(nginx.size, 1234);
+        assert!(!nginx.pinned);
+        assert!(inv.images[&redis_id].pinned);
+        assert_eq!(inv.ref_to_id[&nginx_digest_ref], nginx_id);
+        assert_eq!(inv.ref_to_id[&nginx_id], nginx_id);
+        // Resolution is the core's, as on containerd.
+        assert_eq!(
+            resolve("nginx", &inv.ids(), &inv.ref_to_id),
+            Ok(Resolution::Found(nginx_id.clone()))
+        );
+        assert_eq!(
+            resolve(&nginx_hex[..12], &inv.ids(), &inv.ref_to_id),
+            Ok(Resolution::Found(nginx_id.clone()))
+        );
+        // No layers are known: an image's content is its ID, never shared.
+        assert_eq!(inv.exclusive_content(&nginx_id), [nginx_id.clone()].into());
+        assert!(inv.pending.is_empty() && inv.journals.is_empty() && inv.skipped.is_empty());
+    }
+
+    #[test]
+    fn ids_are_normalized_only_when_bare_hex() {
+        let hex = "ab".repeat(32);
+        assert_eq!(normalize_id(&hex), format!("sha256:{hex}"));
+        assert_eq!(
+            normalize_id(&format!("sha256:{hex}")),
+            format!("sha256:{hex}")
+        );
+        assert_eq!(normalize_id(&hex.to_uppercase()), hex.to_uppercase());
+        assert_eq!(normalize_id("abc"), "abc");
     }
 }

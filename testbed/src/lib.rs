@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod containerd;
 pub mod cri;
+pub mod crio;
 pub mod image;
 pub mod process;
 pub mod tools;

@@ -281,30 +281,53 @@ fn of_kind<'a>(docs: &'a [serde_yaml::Value], kind: &str) -> Vec<&'a serde_yaml:
 }
 
 fn chart_renders_presets_and_options() -> Result<()> {
-    for (set, want, root) in [
+    for (set, want, root, runtime) in [
         (
             vec![],
             "/run/containerd/containerd.sock",
             "/var/lib/containerd",
+            "containerd",
         ),
         (
             vec!["containerd.preset=k3s"],
             "/run/k3s/containerd/containerd.sock",
             "/var/lib/rancher/k3s/agent/containerd",
+            "containerd",
+        ),
+        (
+            vec!["containerd.preset=rke2"],
+            "/run/k3s/containerd/containerd.sock",
+            "/var/lib/rancher/rke2/agent/containerd",
+            "containerd",
         ),
         (
             vec!["containerd.preset=microk8s"],
             "/var/snap/microk8s/common/run/containerd.sock",
             "/var/snap/microk8s/common/var/lib/containerd",
+            "containerd",
+        ),
+        (
+            vec!["containerd.preset=k0s"],
+            "/run/k0s/containerd.sock",
+            "/var/lib/k0s/containerd",
+            "containerd",
+        ),
+        (
+            vec!["containerd.preset=crio"],
+            "/var/run/crio/crio.sock",
+            "/var/lib/containers/storage",
+            "cri",
         ),
         (
             vec![
                 "containerd.preset=k3s",
                 "containerd.socket=/custom/run/c.sock",
                 "containerd.root=/custom/root",
+                "containerd.runtime=auto",
             ],
             "/custom/run/c.sock",
             "/custom/root",
+            "auto",
         ),
     ] {
         let docs = render(&set)?;
@@ -331,8 +354,13 @@ fn chart_renders_presets_and_options() -> Result<()> {
                 && env["value"] == want,
             "{set:?}: volume {volume:?}, container {container:?}"
         );
-        // A directory on containerd's image filesystem (`tmpmounts`, inside the root): a second read-only hostPath, and the flag that points at it.
-        let image_fs = format!("{root}/tmpmounts");
+        // A directory on the runtime's image filesystem (containerd: `tmpmounts`, inside its
+        // root; CRI-O: its root): a second read-only hostPath, and the flag that points at it.
+        let image_fs = if runtime == "cri" {
+            root.to_string()
+        } else {
+            format!("{root}/tmpmounts")
+        };
         let root_volume = &pod["volumes"][1];
         let args: Vec<&str> = container["args"]
             .as_sequence()
@@ -354,6 +382,7 @@ fn chart_renders_presets_and_options() -> Result<()> {
                 && root_volume["hostPath"]["type"] == "Directory"
                 && container["volumeMounts"][1]["mountPath"] == image_fs.as_str()
                 && args.contains(&format!("--image-fs={image_fs}").as_str())
+                && args.contains(&format!("--runtime={runtime}").as_str())
                 && args.iter().any(|a| a.starts_with("--own-image="))
                 && args.contains(&"--protect=registry.k8s.io/pause:*"),
             "{set:?}: volumes {:?}, args {args:?}",
@@ -374,8 +403,13 @@ fn chart_renders_presets_and_options() -> Result<()> {
     let err = render(&["containerd.preset=nope"]).expect_err("an unknown preset renders");
     ensure!(
         format!("{err:#}").contains(
-            "at '/containerd/preset': value must be one of 'containerd', 'k3s', 'microk8s'"
+            "at '/containerd/preset': value must be one of 'containerd', 'k3s', 'rke2', 'microk8s', 'k0s', 'crio'"
         ),
+        "{err:#}"
+    );
+    let err = render(&["containerd.runtime=docker"]).expect_err("an unknown runtime renders");
+    ensure!(
+        format!("{err:#}").contains("at '/containerd/runtime': value must be one of"),
         "{err:#}"
     );
 

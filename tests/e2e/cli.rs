@@ -193,10 +193,96 @@ async fn errors_are_one_clear_line() -> Result<()> {
     Ok(())
 }
 
+/// `imagegc` run in a mount namespace of its own whose `/run` (and so `/var/run`) is an empty
+/// tmpfs, after `setup` (shell) has put sockets there; (exit code, stdout, stderr).
+fn in_private_run(setup: &str, args: &str) -> Result<(i32, String, String)> {
+    let script = format!(
+        "set -e; mount -t tmpfs tmpfs /run; {setup}; exec {} {args}",
+        env!("CARGO_BIN_EXE_imagegc")
+    );
+    let out = std::process::Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .env_remove("IMAGEGC_SOCKET")
+        .env_remove("IMAGEGC_RUNTIME")
+        .output()
+        .context("running imagegc under unshare")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// With no --socket the known paths are probed: where only k3s's path holds a socket (a test
+/// containerd bind-mounted there), it is chosen; the CRI backend works through it as well;
+/// where none answers, one line names every path and why.
+async fn finds_the_socket_among_the_known_paths() -> Result<()> {
+    let bed = support::nodes(Flavor::V2, 1).await?;
+    let socket = &bed.nodes[0].socket;
+    let app = ImageBuilder::new("app").build();
+    import(socket, &app, &["docker.io/library/app:1"]).await?;
+    testbed::cri::wait_synced(socket, &[app.id()], &["docker.io/library/app:1"]).await?;
+    let k3s = format!(
+        "mkdir -p /run/k3s/containerd; touch /run/k3s/containerd/containerd.sock; \
+         mount --bind {} /run/k3s/containerd/containerd.sock",
+        socket.display()
+    );
+    for runtime in ["auto", "cri"] {
+        let (code, out, err) = in_private_run(&k3s, &format!("images --runtime {runtime}"))?;
+        ensure!(
+            code == 0 && out.contains("docker.io/library/app:1"),
+            "{runtime}: exit {code}: {out}{err}"
+        );
+    }
+
+    let (code, out, err) = in_private_run("true", "images")?;
+    ensure!(code == 2 && one_line(&err), "exit {code}: {out}{err}");
+    ensure!(err.contains("no container runtime found"), "{err}");
+    for known in imagegc::runtime::detect::KNOWN_SOCKETS {
+        ensure!(err.contains(known.path), "{known:?} not named: {err}");
+    }
+    Ok(())
+}
+
+/// A socket that accepts connections but never answers (not a runtime) fails within the
+/// probe's timeout with one line, instead of hanging.
+async fn a_silent_socket_times_out() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    std::thread::spawn(move || {
+        // Hold every connection open without a byte in reply.
+        let held: Vec<_> = listener.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    let started = std::time::Instant::now();
+    let (code, _, err) = support::imagegc(&["images", "--socket", path.to_str().context("path")?])?;
+    let took = started.elapsed();
+    ensure!(
+        code == 2 && one_line(&err) && err.contains("did not answer within 5s"),
+        "exit {code}: {err}"
+    );
+    ensure!(took < std::time::Duration::from_secs(15), "took {took:?}");
+    Ok(())
+}
+
 pub fn trials() -> Vec<Trial> {
     vec![
         trial("cli::images_groups_and_flags", images_groups_and_flags),
         trial("cli::rmi_dry_run_then_remove", rmi_dry_run_then_remove),
         trial("cli::errors_are_one_clear_line", errors_are_one_clear_line),
+        trial(
+            "cli::finds_the_socket_among_the_known_paths",
+            finds_the_socket_among_the_known_paths,
+        ),
+        trial("cli::a_silent_socket_times_out", a_silent_socket_times_out),
     ]
 }

@@ -108,7 +108,7 @@ async fn agent_waits_for_containerd() -> Result<()> {
     let log = op.agent_log(0);
     let complaints = log
         .lines()
-        .filter(|l| l.contains("containerd does not answer"))
+        .filter(|l| l.contains("the container runtime does not answer"))
         .count();
     ensure!(complaints == 1, "one clear line, not {complaints}:\n{log}");
     ensure!(

@@ -9,6 +9,7 @@ mod bench;
 mod chart;
 mod cli;
 mod controller;
+mod crio;
 mod faults;
 mod fuzz;
 mod operator;
@@ -27,6 +28,7 @@ fn main() {
     trials.extend(chart::trials());
     trials.extend(cli::trials());
     trials.extend(controller::trials());
+    trials.extend(crio::trials());
     trials.extend(faults::trials());
     trials.extend(fuzz::trials());
     trials.extend(operator::trials());

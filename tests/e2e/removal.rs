@@ -1,6 +1,7 @@
 //! Removal, judged against containerd's own CRI `RemoveImage`: for each scenario two nodes get
 //! identical states; imagegc removes on one, CRI on the other, and the remaining image records
-//! and content blobs must be identical. Then the deliberate differences, each with its own test:
+//! and content blobs must be identical — with each backend: containerd's own API, and the CRI
+//! backend on containerd's CRI socket. Then the deliberate differences, each with its own test:
 //! pinned images are never removed, images in use only with force, bad input touches nothing,
 //! and an interrupted removal is finished by the next run.
 
@@ -8,10 +9,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
-use imagegc::containerd::{self, Runtime};
+use imagegc::containerd::Runtime;
 use imagegc::core::inventory::{Inventory, PENDING_LABEL};
 use imagegc::core::plan::{self, Plan, Request};
 use imagegc::core::platform::{Matcher, Platform};
+use imagegc::runtime::{Backend, Connector};
 use libtest_mimic::Trial;
 use testbed::Flavor;
 use testbed::image::{self, BuiltImage, ImageBuilder};
@@ -294,18 +296,30 @@ fn plan_of(images: &[String], force: bool, inv: &Inventory) -> Plan {
     )
 }
 
-/// Removes `images` from `socket` through the library, as `imagegc rmi` does.
-pub async fn remove(socket: &Path, images: &[String], force: bool) -> Result<Vec<&'static str>> {
-    let rt = Runtime::connect(socket, NS).await?;
+/// Removes `images` from `socket` through the library with `backend`, as `imagegc rmi` does.
+pub async fn remove(
+    socket: &Path,
+    images: &[String],
+    force: bool,
+    backend: Backend,
+) -> Result<Vec<&'static str>> {
+    let rt = Connector::new(Some(socket.into()), backend, NS)
+        .connect(false)
+        .await?;
+    ensure!(
+        backend == Backend::Auto || rt.backend() == backend.as_str(),
+        "asked for {backend:?}, got {}",
+        rt.backend()
+    );
     let matcher = Matcher::only(Platform::host());
     let inv = rt.inventory(&matcher).await?;
     let plan = plan_of(images, force, &inv);
     let kinds = plan.items.iter().map(|i| i.outcome.kind()).collect();
-    containerd::execute(&rt, plan).await?;
+    rt.execute(plan).await?;
     Ok(kinds)
 }
 
-async fn differential(flavor: Flavor, scenario: Scenario) -> Result<()> {
+async fn differential(flavor: Flavor, backend: Backend, scenario: Scenario) -> Result<()> {
     let bed = nodes(flavor, 2).await?;
     let (ours, oracle) = (&bed.nodes[0].socket, &bed.nodes[1].socket);
     setup(ours, &scenario).await?;
@@ -317,7 +331,7 @@ async fn differential(flavor: Flavor, scenario: Scenario) -> Result<()> {
         "the two nodes differ before removal"
     );
 
-    let kinds = remove(ours, &scenario.remove, false).await?;
+    let kinds = remove(ours, &scenario.remove, false, backend).await?;
     ensure!(
         kinds == scenario.expect,
         "imagegc reported {kinds:?}, expected {:?}",
@@ -589,14 +603,58 @@ async fn interrupted_removal_is_finished(flavor: Flavor, marks: Marks) -> Result
     Ok(())
 }
 
+/// The agent with `--runtime cri` on containerd's CRI socket: an ImageRemoval is executed
+/// through the CRI backend (every name of the image goes, by ID) and reported, and the agent
+/// says which runtime it chose.
+async fn agent_on_the_cri_backend() -> Result<()> {
+    let mut op = crate::operator::Operator::start(&[&[]]).await?;
+    op.stop_agent(0);
+    op.agent_args = vec!["--runtime".into(), "cri".into()];
+    op.start_agent(0)?;
+    let socket = op.socket(0);
+    let app = ImageBuilder::new("cri-agent-app").build();
+    let names = ["docker.io/library/app:1", "docker.io/library/app:2"];
+    import(&socket, &app, &names).await?;
+    testbed::cri::wait_synced(&socket, &[app.id()], &names).await?;
+    op.create_removal("app", serde_json::json!({"images": ["app:2"]}))
+        .await?;
+    let r = op.wait_result(0, "app").await?;
+    ensure!(
+        r.images.len() == 1 && r.images[0].outcome == "Removed",
+        "{r:?}"
+    );
+    let left = image::image_names(&socket, NS).await?;
+    ensure!(
+        !left
+            .iter()
+            .any(|n| names.contains(&n.as_str()) || *n == app.id()),
+        "left after the agent's CRI removal: {left:?}"
+    );
+    let log = op.agent_log(0);
+    ensure!(
+        log.contains("container runtime chosen") && log.contains("CRI API"),
+        "the agent does not say it chose CRI:\n{log}"
+    );
+    Ok(())
+}
+
 pub fn trials() -> Vec<Trial> {
-    let mut out = Vec::new();
+    let mut out = vec![trial(
+        "removal::agent_on_the_cri_backend",
+        agent_on_the_cri_backend,
+    )];
     for flavor in FLAVORS {
         let f = flavor.label();
         for (name, scenario) in scenarios() {
             out.push(trial(
                 format!("removal::differential::{f}::{name}"),
-                move || differential(flavor, scenario),
+                move || differential(flavor, Backend::Containerd, scenario),
+            ));
+        }
+        for (name, scenario) in scenarios() {
+            out.push(trial(
+                format!("removal::differential::{f}::cri::{name}"),
+                move || differential(flavor, Backend::Cri, scenario),
             ));
         }
         out.push(trial(

@@ -77,6 +77,7 @@ pub fn imagegc(args: &[&str]) -> Result<(i32, String, String)> {
         .args(args)
         .env_remove("IMAGEGC_SOCKET")
         .env_remove("IMAGEGC_NAMESPACE")
+        .env_remove("IMAGEGC_RUNTIME")
         .output()
         .context("running imagegc")?;
     Ok((

@@ -58,34 +58,57 @@ app.kubernetes.io/component: {{ .component }}
 {{- required "controller.serviceAccount.name is required" .Values.controller.serviceAccount.name }}
 {{- end }}
 
-{{/* The containerd socket on the node: containerd.socket, else the preset's path. */}}
+{{/* Each preset: the runtime's socket, its image filesystem (root) and the agent's backend. */}}
+{{- define "imagegc.presets" -}}
+containerd: {socket: /run/containerd/containerd.sock, root: /var/lib/containerd, runtime: containerd}
+k3s: {socket: /run/k3s/containerd/containerd.sock, root: /var/lib/rancher/k3s/agent/containerd, runtime: containerd}
+rke2: {socket: /run/k3s/containerd/containerd.sock, root: /var/lib/rancher/rke2/agent/containerd, runtime: containerd}
+microk8s: {socket: /var/snap/microk8s/common/run/containerd.sock, root: /var/snap/microk8s/common/var/lib/containerd, runtime: containerd}
+k0s: {socket: /run/k0s/containerd.sock, root: /var/lib/k0s/containerd, runtime: containerd}
+crio: {socket: /var/run/crio/crio.sock, root: /var/lib/containers/storage, runtime: cri}
+{{- end }}
+
+{{/* The preset named by containerd.preset, or a failure listing every preset. */}}
+{{- define "imagegc.preset" -}}
+{{- $presets := include "imagegc.presets" . | fromYaml }}
+{{- $name := toString .Values.containerd.preset }}
+{{- if not (hasKey $presets $name) }}
+{{- fail (printf "containerd.preset %q is unknown: use containerd, k3s, rke2, microk8s, k0s or crio (CRI-O), or set containerd.socket, containerd.root and containerd.runtime to the runtime's on the node" $name) }}
+{{- end }}
+{{- get $presets $name | toYaml }}
+{{- end }}
+
+{{/* The runtime's socket on the node: containerd.socket, else the preset's path. */}}
 {{- define "imagegc.socket" -}}
-{{- $presets := dict "containerd" "/run/containerd/containerd.sock" "k3s" "/run/k3s/containerd/containerd.sock" "microk8s" "/var/snap/microk8s/common/run/containerd.sock" }}
 {{- if .Values.containerd.socket }}
 {{- if not (hasPrefix "/" .Values.containerd.socket) }}
 {{- fail (printf "containerd.socket must be an absolute path on the node, got %q" .Values.containerd.socket) }}
 {{- end }}
 {{- .Values.containerd.socket }}
-{{- else if hasKey $presets (toString .Values.containerd.preset) }}
-{{- get $presets (toString .Values.containerd.preset) }}
 {{- else }}
-{{- fail (printf "containerd.preset %q is unknown: use containerd (/run/containerd/containerd.sock), k3s (/run/k3s/containerd/containerd.sock) or microk8s (/var/snap/microk8s/common/run/containerd.sock), or set containerd.socket and containerd.root to their paths on the node" (toString .Values.containerd.preset)) }}
+{{- (include "imagegc.preset" . | fromYaml).socket }}
 {{- end }}
 {{- end }}
 
-{{/* containerd's root on the node (its image filesystem): containerd.root, else the preset's. */}}
+{{/* The runtime's root on the node (its image filesystem): containerd.root, else the preset's. */}}
 {{- define "imagegc.containerdRoot" -}}
-{{- $presets := dict "containerd" "/var/lib/containerd" "k3s" "/var/lib/rancher/k3s/agent/containerd" "microk8s" "/var/snap/microk8s/common/var/lib/containerd" }}
 {{- if .Values.containerd.root }}
 {{- if not (hasPrefix "/" .Values.containerd.root) }}
 {{- fail (printf "containerd.root must be an absolute path on the node, got %q" .Values.containerd.root) }}
 {{- end }}
 {{- .Values.containerd.root }}
-{{- else if hasKey $presets (toString .Values.containerd.preset) }}
-{{- get $presets (toString .Values.containerd.preset) }}
 {{- else }}
-{{- fail (printf "containerd.preset %q is unknown: use containerd (/var/lib/containerd), k3s (/var/lib/rancher/k3s/agent/containerd) or microk8s (/var/snap/microk8s/common/var/lib/containerd), or set containerd.root to containerd's root on the node" (toString .Values.containerd.preset)) }}
+{{- (include "imagegc.preset" . | fromYaml).root }}
 {{- end }}
+{{- end }}
+
+{{/* The agent's backend (--runtime): containerd.runtime, else the preset's. */}}
+{{- define "imagegc.runtime" -}}
+{{- $runtime := .Values.containerd.runtime | default (include "imagegc.preset" . | fromYaml).runtime }}
+{{- if not (has $runtime (list "auto" "containerd" "cri")) }}
+{{- fail (printf "containerd.runtime must be auto, containerd or cri, got %q" $runtime) }}
+{{- end }}
+{{- $runtime }}
 {{- end }}
 
 {{/* Hardening shared by both containers. */}}
@@ -111,11 +134,16 @@ seccompProfile:
 {{- printf "%s-" (include "imagegc.agentDaemonSet" .) | trunc 58 }}
 {{- end }}
 
-{{/* The directory the agent reads its image filesystem's usage from: `tmpmounts` in
-containerd's root, which containerd creates at start-up (1.x and 2.x) for the short-lived
-mounts it makes while reading an image's files; it is empty otherwise. */}}
+{{/* The directory the agent reads its image filesystem's usage from: on containerd,
+`tmpmounts` in its root, which containerd creates at start-up (1.x and 2.x) for the
+short-lived mounts it makes while reading an image's files (it is empty otherwise); on other
+runtimes (CRI-O), their root itself. */}}
 {{- define "imagegc.imageFsPath" -}}
+{{- if eq (include "imagegc.runtime" .) "cri" }}
+{{- include "imagegc.containerdRoot" . }}
+{{- else }}
 {{- printf "%s/tmpmounts" (include "imagegc.containerdRoot" .) }}
+{{- end }}
 {{- end }}
 
 {{/* Options of the agent's hostPath mounts: read-only, recursively where supported, and no
