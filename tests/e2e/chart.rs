@@ -75,6 +75,7 @@ async fn manifests_apply_and_policy_holds() -> Result<()> {
         nodes: 0,
         flavor: Flavor::V2,
         cluster: true,
+        real_node: false,
     })
     .await?;
     let cluster = bed.cluster()?;
