@@ -73,11 +73,23 @@ helm_ldflags() {
     "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
 }
 
+# What Kubernetes' own release build stamps (hack/lib/version.sh): without it the binaries say
+# v0.0.0-master, and `helm install` refuses a chart whose kubeVersion asks for >=1.30.
+kube_ldflags() {
+  local minor=${KUBERNETES_VERSION#v1.}
+  minor=${minor%%.*}
+  local p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    echo "-X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+  done
+}
+
 build() {
   local name=$1 dir
   case $name in
     kube-apiserver|kubectl|kubelet|kube-controller-manager|kube-scheduler)
-      dir="$cache/bin/kubernetes-$KUBERNETES_VERSION"
+      # "-stamped": built with kube_ldflags (an earlier cache without them is not reused).
+      dir="$cache/bin/kubernetes-$KUBERNETES_VERSION-stamped"
       [ -x "$dir/$name" ] && { echo "$dir"; return; }
       need_go; mkdir -p "$dir"
       # Every missing one at once: one go build shares the compiled packages between them.
@@ -86,7 +98,7 @@ build() {
         [ -x "$dir/$t" ] || { missing+=("$t"); pkgs+=" k8s.io/kubernetes/cmd/$t"; }
       done
       log "building ${missing[*]} $KUBERNETES_VERSION from k8s.io/kubernetes (several minutes, once)"
-      build_in_module "$dir/" "${pkgs# }" "v0.${KUBERNETES_VERSION#v1.}" \
+      LDFLAGS_FN=kube_ldflags build_in_module "$dir/" "${pkgs# }" "v0.${KUBERNETES_VERSION#v1.}" \
         "k8s.io/kubernetes@$KUBERNETES_VERSION"
       ;;
     etcd)

@@ -185,6 +185,9 @@ impl Suite {
             format!("containerd.root={}", node.containerd_root.display()),
             "agent.prune.maxJitterSeconds=0".into(),
             "agent.prune.watermarkCheckSeconds=2".into(),
+            // The tests force removals and prune images they have just imported.
+            "agent.allowForce=true".into(),
+            "agent.prune.minImageAgeSeconds=0".into(),
         ]
     }
 
@@ -419,6 +422,10 @@ fn parse_dockerfile(dockerfile: &str) -> Result<DockerfileRuntime> {
             entrypoint = serde_json::from_str(rest).context("ENTRYPOINT must be exec form")?;
         } else if let Some(rest) = line.strip_prefix("USER ") {
             user = rest.trim().to_string();
+            // distroless' /etc/passwd gives its nonroot user the group of the same number.
+            if user == "65532" && base.contains("distroless") {
+                user = "65532:65532".into();
+            }
         } else if let Some(rest) = line.strip_prefix("COPY ")
             && rest.contains("release/imagegc")
         {
