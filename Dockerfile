@@ -20,6 +20,7 @@ RUN cargo build --release --locked --bin imagegc
 # controller, the CLI and `helm test` need nothing more. Only the node agent runs as root,
 # because containerd's socket is root-owned (0660 root:root) on stock nodes; the chart asks for
 # that explicitly (agent.runAsUser: 0) and drops every capability.
+# `make image` builds the same image without Docker (a test keeps the two equal).
 FROM gcr.io/distroless/cc-debian12@sha256:aa0b7af67fa8211751ea6e00baa8373ba56cc1417ffc986ec9619bd0e1556b56
 COPY --from=builder /src/target/release/imagegc /usr/local/bin/imagegc
 USER 65532

@@ -126,6 +126,7 @@ async fn run() -> Result<bool> {
         nodes: ROLES,
         flavor,
         cluster: false,
+        real_node: false,
     })
     .await
     .context("starting the test bed")?;

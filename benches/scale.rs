@@ -295,6 +295,7 @@ impl Bench {
             nodes: DAEMONS,
             flavor: Flavor::V2,
             cluster: true,
+            real_node: false,
         })
         .await?;
         let cluster = bed.cluster()?;

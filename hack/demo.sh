@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make demo: a local test bed (3 containerd nodes, etcd + kube-apiserver), the chart's manifests
-# (CRDs, RBAC, admission policy), one agent per node and the controller as local processes,
+# make demo: a local test bed (3 simulated containerd nodes, one real kubelet node, etcd +
+# kube-apiserver), imagegc installed with helm (its agent and controller run as pods on the real
+# node, from `make image`'s image imported with ctr), one agent process per simulated node,
 # demo images on every node, then examples/imageremoval.yaml applied and watched until it is
 # finished. Everything is torn down at the end, on every exit path.
 set -euo pipefail
@@ -15,7 +16,10 @@ cargo build -q -p testbed --bin testbed
 cargo build -q --bin imagegc
 imagegc=$CARGO_TARGET_DIR/debug/imagegc
 kubectl=$(bash hack/tools.sh path kubectl)/kubectl
+helm=$(bash hack/tools.sh path helm)/helm
 ns=imagegc-system
+# make image's archive (the Makefile passes both).
+: "${IMAGE_TAR:?run through make demo, which builds the image first}" "${IMAGE_NAME:?}"
 
 pids=()
 cleanup() {
@@ -30,18 +34,23 @@ cleanup() {
   fi
 }
 
-step "start the test bed: 3 containerd nodes and an API server"
-bash hack/testbed up --nodes 3
+step "start the test bed: 3 simulated containerd nodes, a real kubelet node and an API server"
+bash hack/testbed up --nodes 3 --real-node
 trap cleanup EXIT
 eval "$(bash hack/testbed env)"
 state=$IMAGEGC_TESTBED_STATE
 
-step "install the chart's manifests: CRDs, ServiceAccounts, RBAC, admission policy"
-for _ in $(seq 1 30); do "$kubectl" apply --server-side -f deploy/imagegc.yaml >"$state/apply.log" 2>&1 && break; sleep 1; done
-grep -E 'customresourcedefinition|clusterrole |validatingadmissionpolicy ' "$state/apply.log" || cat "$state/apply.log"
-"$kubectl" wait --for condition=established --timeout=60s crd/imageremovals.imagegc.dev crd/imageprunepolicies.imagegc.dev crd/nodeimagereports.imagegc.dev
+step "import make image's image on the real node (no registry here), as an operator would"
+show ctr --address "$REAL_NODE_SOCKET" --namespace k8s.io images import "$IMAGE_TAR"
 
-step "three Nodes: node-0 and node-1 in the blue pool, node-2 in the green one"
+step "helm install: CRDs, RBAC, admission policy, the agent DaemonSet and the controller"
+show "$helm" install imagegc charts/imagegc --namespace "$ns" --create-namespace \
+  --set image.repository="${IMAGE_NAME%:*}" --set image.tag="${IMAGE_NAME##*:}" --set image.pullPolicy=Never \
+  --set containerd.socket="$REAL_NODE_SOCKET" --set containerd.root="$REAL_NODE_CONTAINERD_ROOT" \
+  --wait --timeout 3m
+
+step "three simulated Nodes: node-0 and node-1 in the blue pool, node-2 in the green one; the real node joins blue"
+"$kubectl" label node "$REAL_NODE" pool=blue >/dev/null
 for i in 0 1 2; do
   pool=blue; [ "$i" = 2 ] && pool=green
   "$kubectl" apply -f - >/dev/null <<YAML
@@ -55,6 +64,8 @@ show "$kubectl" get nodes -L pool
 step "put demo images on every node (an app, a web image in use, the pinned sandbox image)"
 # shellcheck disable=SC2086
 "$CARGO_TARGET_DIR/debug/testbed" seed $NODE_SOCKETS
+# The real node has a real sandbox image, pinned by its CRI, and real containers: only the images.
+"$CARGO_TARGET_DIR/debug/testbed" seed --images-only "$REAL_NODE_SOCKET"
 
 # What a kubelet would give each agent: a token of the agent ServiceAccount bound to its Pod,
 # which carries the node's name (the admission policy checks it). The Pods never run here.
@@ -65,7 +76,7 @@ kubeconfig_for() { # user token file
 }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-step "start one agent per node and the controller (as the DaemonSet and Deployment would)"
+step "start one agent process per simulated node (as the DaemonSet would if they had a kubelet)"
 sockets=($NODE_SOCKETS)
 for i in 0 1 2; do
   # Named as the DaemonSet controller names the agent's pods (imagegc-agent-<5 generated
@@ -77,6 +88,7 @@ metadata: {generateName: imagegc-agent-}
 spec:
   nodeName: node-$i
   serviceAccountName: imagegc-agent
+  tolerations: [{operator: Exists}]
   containers: [{name: agent, image: ghcr.io/imagegc/imagegc:0.1.0}]
 YAML
   )
@@ -91,18 +103,14 @@ YAML
   pids+=($!)
   echo "agent on node-$i: pid $!, log $state/agent-$i.log"
 done
-token=$("$kubectl" -n "$ns" create token imagegc-controller --duration 1h)
-kubeconfig_for controller "$token" "$state/controller.kubeconfig"
-cport=$(port)
-KUBECONFIG=$state/controller.kubeconfig \
-  "$imagegc" controller --lease-namespace "$ns" --identity demo --listen "127.0.0.1:$cport" \
-  >"$state/controller.log" 2>&1 &
-pids+=($!)
-echo "controller: pid $!, log $state/controller.log, metrics http://127.0.0.1:$cport/metrics"
+
+step "the agent pod Running on the real node beside the simulated nodes' (which have no kubelet)"
+show "$kubectl" get nodes -L pool
+show "$kubectl" get pods -n "$ns" -o wide
 
 step "every agent reports its node's images"
 for _ in $(seq 1 60); do
-  [ "$("$kubectl" get nodeimagereports -o name | wc -l)" = 3 ] && break; sleep 0.5
+  [ "$("$kubectl" get nodeimagereports -o name | wc -l)" = 4 ] && break; sleep 0.5
 done
 show "$kubectl" get nodeimagereports
 
@@ -116,11 +124,15 @@ wait_done() { # name: until every target node has reported on the current genera
   echo "demo: $1 did not finish in 60 s" >&2; return 1
 }
 
-step "apply examples/imageremoval.yaml: remove acme/app:1.0 from the blue pool"
+step "apply examples/imageremoval.yaml: remove acme/app:1.0 from the blue pool (node-0, node-1, the real node)"
 cat examples/imageremoval.yaml
 show "$kubectl" apply -f examples/imageremoval.yaml
 wait_done retire-app-1.0
 show "$kubectl" get imageremovals,nodeimagereports
+
+step "what happened on the real node, per image (its agent pod did it through the node's containerd)"
+show "$kubectl" get nodeimagereport "$REAL_NODE" -o jsonpath='{range .status.removals[*].images[*]}{.image}{"\t"}{.outcome}{"\t"}{.message}{"\n"}{end}'
+show ctr --address "$REAL_NODE_SOCKET" --namespace k8s.io images list -q
 
 step "what happened on node-0, per image"
 show "$kubectl" get nodeimagereport node-0 -o jsonpath='{range .status.removals[*].images[*]}{.image}{"\t"}{.outcome}{"\t"}{.message}{"\n"}{end}'
@@ -159,10 +171,10 @@ spec:
   dryRun: true
 YAML
 for _ in $(seq 1 60); do
-  [ "$("$kubectl" get imageprunepolicy disk-guard-demo -o jsonpath='{.status.nodesEvaluated}' 2>/dev/null)" = 3 ] && break; sleep 0.5
+  [ "$("$kubectl" get imageprunepolicy disk-guard-demo -o jsonpath='{.status.nodesEvaluated}' 2>/dev/null)" = 4 ] && break; sleep 0.5
 done
 show "$kubectl" get imageprunepolicies
 step "what the policy would remove on node-2, least recently used first (in-use and pinned images never)"
 show "$kubectl" get nodeimagereport node-2 -o jsonpath='{range .status.policies[*].images[*]}{.references[0]}{"\t"}{.outcome}{"\t"}{.reason}{"\n"}{end}'
 
-step "done; stopping the agents and the controller, tearing down"
+step "done; stopping the agents, the real node and the API server, tearing down"

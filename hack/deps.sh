@@ -8,7 +8,11 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
-packages=(containerd runc protobuf-compiler util-linux ca-certificates python3 python3-venv)
+# containerd (1.6) also brings ctr, which imports `make image`'s tarball; runc runs the real
+# node's pods, containernetworking-plugins gives them a network (bridge, host-local), iproute2
+# makes the bridge, gcc and libc6-dev build the static pause binary.
+packages=(containerd runc protobuf-compiler util-linux ca-certificates python3 python3-venv
+  containernetworking-plugins iproute2 gcc libc6-dev)
 if [ "${1:-}" = crio ]; then packages+=(conmon skopeo); fi
 missing=()
 for p in "${packages[@]}"; do

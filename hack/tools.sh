@@ -5,7 +5,9 @@
 #   hack/tools.sh all            build everything missing, print nothing but progress
 #   hack/tools.sh path NAME      print the directory holding NAME (building it if missing)
 #
-# NAME is one of: kube-apiserver etcd kubectl helm containerd crictl crio.
+# NAME is one of: kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler etcd helm
+# containerd containerd-shim-runc-v2 crictl pause. The Kubernetes binaries are built together in
+# one `go build` (they share most packages), and so are containerd and its runc shim.
 # crio (with its pinns helper) is built only when asked for: `all` leaves it out.
 # If KUBEBUILDER_ASSETS holds kube-apiserver, etcd and kubectl, those are used instead.
 set -euo pipefail
@@ -19,15 +21,19 @@ export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 
 log() { echo "tools: $*" >&2; }
 
+kubernetes_tools=(kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler)
+
 need_go() {
   command -v go >/dev/null || { log "Go is required to build test binaries; install Go 1.26+ or set KUBEBUILDER_ASSETS"; exit 1; }
 }
 
-# build_in_module DIR OUT PKG REQUIRES... : build PKG in a scratch module that requires the given
-# module@version pairs; every "=> ./..." local replace of the first required module is turned into
-# its published version (the staging-module trick that makes k8s.io/kubernetes usable as a module).
+# build_in_module OUT PKGS STAGING REQUIRES... : build the space-separated PKGS in a scratch module
+# that requires the given module@version pairs; every "=> ./..." local replace of the first
+# required module is turned into its published version STAGING (the staging-module trick that
+# makes k8s.io/kubernetes usable as a module). OUT is a file for one package, a directory
+# ending in / for several.
 build_in_module() {
-  local out=$1 pkg=$2 staging_version=$3; shift 3
+  local out=$1 pkgs=$2 staging_version=$3; shift 3
   local work rc=0; work=$(mktemp -d)
   (
     cd "$work"
@@ -42,11 +48,12 @@ build_in_module() {
         go mod edit -replace="$m=$m@$staging_version"
       done
     fi
-    printf 'package tools\n\nimport _ "%s"\n' "$pkg" > tools.go
+    { printf 'package tools\n\n'; for pkg in $pkgs; do printf 'import _ "%s"\n' "$pkg"; done; } > tools.go
     go mod tidy >/dev/null 2>&1 || go mod tidy
     local extra=""
     if [ -n "${LDFLAGS_FN:-}" ]; then extra=$("$LDFLAGS_FN"); fi
-    go build -trimpath -ldflags "-s -w $extra" -o "$out" "$pkg"
+    # shellcheck disable=SC2086
+    go build -trimpath -ldflags "-s -w $extra" -o "$out" $pkgs
   ) || rc=$?
   rm -rf "$work"
   return $rc
@@ -66,15 +73,32 @@ helm_ldflags() {
     "-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
 }
 
+# What Kubernetes' own release build stamps (hack/lib/version.sh): without it the binaries say
+# v0.0.0-master, and `helm install` refuses a chart whose kubeVersion asks for >=1.30.
+kube_ldflags() {
+  local minor=${KUBERNETES_VERSION#v1.}
+  minor=${minor%%.*}
+  local p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    echo "-X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+  done
+}
+
 build() {
   local name=$1 dir
   case $name in
-    kube-apiserver|kubectl)
-      dir="$cache/bin/kubernetes-$KUBERNETES_VERSION"
+    kube-apiserver|kubectl|kubelet|kube-controller-manager|kube-scheduler)
+      # "-stamped": built with kube_ldflags (an earlier cache without them is not reused).
+      dir="$cache/bin/kubernetes-$KUBERNETES_VERSION-stamped"
       [ -x "$dir/$name" ] && { echo "$dir"; return; }
       need_go; mkdir -p "$dir"
-      log "building $name $KUBERNETES_VERSION from k8s.io/kubernetes (several minutes, once)"
-      build_in_module "$dir/$name" "k8s.io/kubernetes/cmd/$name" "v0.${KUBERNETES_VERSION#v1.}" \
+      # Every missing one at once: one go build shares the compiled packages between them.
+      local missing=() pkgs=""
+      for t in "${kubernetes_tools[@]}"; do
+        [ -x "$dir/$t" ] || { missing+=("$t"); pkgs+=" k8s.io/kubernetes/cmd/$t"; }
+      done
+      log "building ${missing[*]} $KUBERNETES_VERSION from k8s.io/kubernetes (several minutes, once)"
+      LDFLAGS_FN=kube_ldflags build_in_module "$dir/" "${pkgs# }" "v0.${KUBERNETES_VERSION#v1.}" \
         "k8s.io/kubernetes@$KUBERNETES_VERSION"
       ;;
     etcd)
@@ -85,14 +109,29 @@ build() {
       build_in_module "$dir/etcd" "go.etcd.io/etcd/server/v3" "" \
         "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
       ;;
-    containerd)
+    containerd|containerd-shim-runc-v2)
       dir="$cache/bin/containerd-$CONTAINERD_VERSION"
-      [ -x "$dir/containerd" ] && { echo "$dir"; return; }
+      [ -x "$dir/$name" ] && { echo "$dir"; return; }
       need_go; mkdir -p "$dir"
-      log "building containerd $CONTAINERD_VERSION from github.com/containerd/containerd/v2"
+      local missing=() pkgs=""
+      for t in containerd containerd-shim-runc-v2; do
+        [ -x "$dir/$t" ] || { missing+=("$t"); pkgs+=" github.com/containerd/containerd/v2/cmd/$t"; }
+      done
+      log "building ${missing[*]} $CONTAINERD_VERSION from github.com/containerd/containerd/v2"
       CGO_ENABLED=0 GOFLAGS="$GOFLAGS -tags=no_btrfs,no_devmapper,no_zfs" \
-        build_in_module "$dir/containerd" "github.com/containerd/containerd/v2/cmd/containerd" "" \
+        build_in_module "$dir/" "${pkgs# }" "" \
         "github.com/containerd/containerd/v2@$CONTAINERD_VERSION"
+      ;;
+    pause)
+      # The real node's sandbox image: a static binary that sleeps until signalled and reaps
+      # orphans, like Kubernetes' own pause. Keyed by its source, so an edit rebuilds it.
+      local sum; sum=$(sha256sum "$here/pause.c" | cut -c1-12)
+      dir="$cache/bin/pause-$sum"
+      [ -x "$dir/pause" ] && { echo "$dir"; return; }
+      command -v gcc >/dev/null || { log "gcc is required to build the pause binary (apt-get install gcc libc6-dev)"; exit 1; }
+      mkdir -p "$dir"
+      log "building pause from hack/pause.c"
+      gcc -static -Os -s -o "$dir/pause.tmp" "$here/pause.c" && mv "$dir/pause.tmp" "$dir/pause"
       ;;
     helm)
       # "-k8s": built with helm_ldflags (an earlier cache without them is not reused).
@@ -148,7 +187,7 @@ path() {
 }
 
 case ${1:-} in
-  all)  for t in etcd containerd kube-apiserver kubectl helm crictl; do path "$t" >/dev/null; done ;;
+  all)  for t in etcd containerd kube-apiserver helm crictl pause; do path "$t" >/dev/null; done ;;
   path) path "${2:?usage: tools.sh path NAME}" ;;
   *) echo "usage: $0 all | path NAME" >&2; exit 2 ;;
 esac

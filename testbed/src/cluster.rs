@@ -2,6 +2,7 @@
 //! ServiceAccount tokens (TokenRequest) so a test can act with one account's RBAC only.
 
 use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,31 @@ use rcgen::{
 use crate::process::{Proc, free_port};
 use crate::tools;
 
+/// Where and how the API server serves.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// The address it binds and advertises (the `kubernetes` Service's endpoint).
+    pub address: IpAddr,
+    /// Its port (a free one if `None`).
+    pub port: Option<u16>,
+    /// `--service-cluster-ip-range`; its first address is the `kubernetes` Service's.
+    pub service_cidr: String,
+    /// Authorize kubelets as a real cluster does: the Node authorizer before RBAC, the
+    /// NodeRestriction admission plugin, and a client certificate to call kubelets with.
+    pub node_authorization: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: None,
+            service_cidr: "10.0.0.0/24".into(),
+            node_authorization: false,
+        }
+    }
+}
+
 /// A running etcd + kube-apiserver pair.
 pub struct Cluster {
     /// `https://127.0.0.1:<port>`.
@@ -33,6 +59,8 @@ pub struct Cluster {
     etcd_args: Vec<String>,
     apiserver: Option<Proc>,
     etcd: Option<Proc>,
+    ca: CertifiedIssuer<'static, KeyPair>,
+    pki_dir: PathBuf,
 }
 
 /// The API server's audit policy: every request made by a ServiceAccount, at `Metadata`
@@ -57,7 +85,7 @@ struct Pki {
     sa_pub: PathBuf,
 }
 
-fn write_pki(dir: &Path) -> Result<Pki> {
+fn write_pki(dir: &Path, address: IpAddr) -> Result<(Pki, CertifiedIssuer<'static, KeyPair>)> {
     fs::create_dir_all(dir)?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -71,11 +99,18 @@ fn write_pki(dir: &Path) -> Result<Pki> {
     ];
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
 
-    let mut server = CertificateParams::new(vec![
+    let mut sans = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
+        "kubernetes".to_string(),
+        "kubernetes.default".to_string(),
         "kubernetes.default.svc".to_string(),
-    ])?;
+        "kubernetes.default.svc.cluster.local".to_string(),
+    ];
+    if !address.is_loopback() {
+        sans.push(address.to_string());
+    }
+    let mut server = CertificateParams::new(sans)?;
     server
         .distinguished_name
         .push(DnType::CommonName, "kube-apiserver");
@@ -111,7 +146,37 @@ fn write_pki(dir: &Path) -> Result<Pki> {
     fs::write(&pki.admin_key, admin_key.serialize_pem())?;
     fs::write(&pki.sa_key, sa.serialize_pem())?;
     fs::write(&pki.sa_pub, sa.public_key_pem())?;
-    Ok(pki)
+    Ok((pki, ca))
+}
+
+/// Signs a client certificate for `common_name` (in group `organization`, if any) with `ca`;
+/// writes `<dir>/<file>.crt` and `.key` and returns their paths.
+fn write_client_cert(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    dir: &Path,
+    file: &str,
+    common_name: &str,
+    organization: Option<&str>,
+) -> Result<(PathBuf, PathBuf)> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    if let Some(org) = organization {
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, org);
+    }
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, ca)?;
+    let (cert_path, key_path) = (
+        dir.join(format!("{file}.crt")),
+        dir.join(format!("{file}.key")),
+    );
+    fs::write(&cert_path, cert.pem())?;
+    fs::write(&key_path, key.serialize_pem())?;
+    Ok((cert_path, key_path))
 }
 
 /// Writes a kubeconfig for `server` trusting `ca`, authenticating with either a client
@@ -158,27 +223,39 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
 }
 
 impl Cluster {
-    /// Starts etcd and kube-apiserver under `bed_dir/cluster` and waits for `/readyz`.
+    /// Starts etcd and kube-apiserver on loopback under `bed_dir/cluster` and waits for
+    /// `/readyz`.
     pub async fn start(bed_dir: &Path) -> Result<Cluster> {
+        Cluster::start_with(bed_dir, &ClusterOptions::default()).await
+    }
+
+    /// Starts etcd and kube-apiserver as `opts` says under `bed_dir/cluster` and waits for
+    /// `/readyz`.
+    pub async fn start_with(bed_dir: &Path, opts: &ClusterOptions) -> Result<Cluster> {
         let etcd_bin = tools::go_tool("etcd")?;
         let apiserver_bin = tools::go_tool("kube-apiserver")?;
         let dir = bed_dir.join("cluster");
-        let pki = write_pki(&dir.join("pki"))?;
+        let pki_dir = dir.join("pki");
+        let (pki, ca) = write_pki(&pki_dir, opts.address)?;
 
-        let (client_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        let (client_port, peer_port) = (free_port()?, free_port()?);
+        let api_port = match opts.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let etcd_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let etcd_dir = dir.join("etcd");
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{}:{api_port}", opts.address);
         let audit_policy = dir.join("audit-policy.yaml");
         fs::write(&audit_policy, AUDIT_POLICY)?;
-        let apiserver_args = vec![
+        let mut apiserver_args = vec![
             format!("--audit-policy-file={}", audit_policy.display()),
             format!("--audit-log-path={}", dir.join("audit.log").display()),
             "--audit-log-format=json".into(),
             format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={}", opts.address),
+            format!("--advertise-address={}", opts.address),
             format!("--secure-port={api_port}"),
             format!("--tls-cert-file={}", pki.server_cert.display()),
             format!("--tls-private-key-file={}", pki.server_key.display()),
@@ -189,12 +266,30 @@ impl Cluster {
                 pki.sa_key.display()
             ),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            "--service-cluster-ip-range=10.0.0.0/24".into(),
-            "--authorization-mode=RBAC".into(),
+            format!("--service-cluster-ip-range={}", opts.service_cidr),
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
             format!("--cert-dir={}", dir.join("certs").display()),
         ];
+        if opts.node_authorization {
+            let (cert, key) = write_client_cert(
+                &ca,
+                &pki_dir,
+                "apiserver-kubelet-client",
+                "kube-apiserver-kubelet-client",
+                Some("system:masters"),
+            )?;
+            apiserver_args.extend([
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                // Reach kubelets (logs, exec) at their node IP, never by resolving a name.
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                format!("--kubelet-client-certificate={}", cert.display()),
+                format!("--kubelet-client-key={}", key.display()),
+            ]);
+        } else {
+            apiserver_args.push("--authorization-mode=RBAC".into());
+        }
         let admin_kubeconfig = dir.join("admin.kubeconfig");
         write_kubeconfig(
             &admin_kubeconfig,
@@ -228,6 +323,8 @@ impl Cluster {
             etcd_args,
             apiserver: None,
             etcd: None,
+            ca,
+            pki_dir,
         };
         cluster.start_etcd(&etcd_bin)?;
         cluster.start_apiserver(&apiserver_bin)?;
@@ -383,6 +480,35 @@ impl Cluster {
     /// The CA certificate the API server's serving certificate chains to.
     pub fn ca_file(&self) -> &Path {
         &self.ca_file
+    }
+
+    /// The ServiceAccount token signing key (for kube-controller-manager).
+    pub fn service_account_key_file(&self) -> PathBuf {
+        self.pki_dir.join("sa.key")
+    }
+
+    /// Writes a kubeconfig authenticating as `common_name` in group `organization` with a
+    /// client certificate signed by the cluster's CA (as kubeadm does for kubelets and the
+    /// control plane's components); returns its path.
+    pub fn client_cert_kubeconfig(
+        &self,
+        file: &str,
+        common_name: &str,
+        organization: Option<&str>,
+    ) -> Result<PathBuf> {
+        let (cert, key) =
+            write_client_cert(&self.ca, &self.pki_dir, file, common_name, organization)?;
+        let path = self.dir.join(format!("{file}.kubeconfig"));
+        write_kubeconfig(
+            &path,
+            &self.server,
+            &self.ca_file,
+            &KubeconfigUser::Cert {
+                cert: &cert,
+                key: &key,
+            },
+        )?;
+        Ok(path)
     }
 
     /// A cluster-admin client.

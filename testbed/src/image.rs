@@ -237,6 +237,10 @@ pub struct ImageBuilder {
     created: String,
     format: Format,
     config_labels: BTreeMap<String, String>,
+    /// Layers given as tars (real files), replacing the seeded ones.
+    layer_tars: Option<Vec<Vec<u8>>>,
+    entrypoint: Option<Vec<String>>,
+    user: Option<String>,
 }
 
 impl ImageBuilder {
@@ -252,7 +256,29 @@ impl ImageBuilder {
             created: DEFAULT_CREATED.to_string(),
             format: Format::Oci,
             config_labels: BTreeMap::new(),
+            layer_tars: None,
+            entrypoint: None,
+            user: None,
         }
+    }
+
+    /// Layers made of real files (uncompressed tars, e.g. from [`files_tar`]) instead of the
+    /// seeded ones; the image then carries no seed label and no default command.
+    pub fn layer_tars(mut self, tars: Vec<Vec<u8>>) -> Self {
+        self.layer_tars = Some(tars);
+        self
+    }
+
+    /// The config's `Entrypoint`.
+    pub fn entrypoint(mut self, entrypoint: &[&str]) -> Self {
+        self.entrypoint = Some(entrypoint.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
+    /// The config's `User` (`uid[:gid]` or a name).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
     }
 
     /// The image's own layers (after any shared base), by file payload size in bytes.
@@ -340,17 +366,23 @@ impl ImageBuilder {
                     BTreeMap::new(),
                 ));
             }
-            for (i, size) in self.layer_sizes.iter().enumerate() {
-                let seed = format!("layer:{}:{platform}:{i}", self.seed);
-                layer_blobs.push(Blob::new(
-                    f.layer(),
-                    layer_tar(&seed, *size),
-                    BTreeMap::new(),
-                ));
+            match &self.layer_tars {
+                Some(tars) => layer_blobs.extend(
+                    tars.iter()
+                        .map(|t| Blob::new(f.layer(), t.clone(), BTreeMap::new())),
+                ),
+                None => {
+                    for (i, size) in self.layer_sizes.iter().enumerate() {
+                        let seed = format!("layer:{}:{platform}:{i}", self.seed);
+                        layer_blobs.push(Blob::new(
+                            f.layer(),
+                            layer_tar(&seed, *size),
+                            BTreeMap::new(),
+                        ));
+                    }
+                }
             }
             let diff_ids: Vec<&str> = layer_blobs.iter().map(|b| b.digest.as_str()).collect();
-            let mut labels = self.config_labels.clone();
-            labels.insert("io.imagegc.testbed.seed".into(), self.seed.clone());
             let history: Vec<Value> = (0..diff_ids.len())
                 .map(|i| json!({ "created": self.created, "created_by": format!("testbed layer {i}") }))
                 .collect();
@@ -358,7 +390,7 @@ impl ImageBuilder {
                 "created": self.created,
                 "architecture": arch,
                 "os": os,
-                "config": { "Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/true"], "Labels": labels },
+                "config": self.runtime_config(),
                 "rootfs": { "type": "layers", "diff_ids": diff_ids },
                 "history": history,
             });
@@ -423,6 +455,138 @@ impl ImageBuilder {
         image.blobs = blobs;
         image
     }
+}
+
+impl ImageBuilder {
+    /// The config's `config` object: how a container of this image runs.
+    fn runtime_config(&self) -> Value {
+        let mut labels = self.config_labels.clone();
+        if self.layer_tars.is_none() {
+            labels.insert("io.imagegc.testbed.seed".into(), self.seed.clone());
+        }
+        // Key order kept as it always was, so the seeded images' ids never change.
+        let mut config = match &self.entrypoint {
+            Some(entrypoint) => json!({
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Entrypoint": entrypoint,
+                "Labels": labels,
+            }),
+            None => {
+                json!({ "Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/true"], "Labels": labels })
+            }
+        };
+        if let Some(user) = &self.user {
+            config["User"] = json!(user);
+        }
+        config
+    }
+}
+
+/// A file to put into a layer of real files.
+#[derive(Clone, Debug)]
+pub struct LayerFile {
+    /// Absolute path in the image (`/usr/local/bin/imagegc`).
+    pub path: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// Content.
+    pub bytes: Vec<u8>,
+}
+
+/// An uncompressed layer tar holding `files` and their parent directories (mode 0755), sorted
+/// by path, owned by root, with mtime 0: the same files always give the same blob.
+pub fn files_tar(files: &[LayerFile]) -> Result<Vec<u8>> {
+    let mut dirs = BTreeSet::new();
+    let mut sorted: Vec<&LayerFile> = files.iter().collect();
+    sorted.sort_by(|a, b| a.path.cmp(&b.path));
+    for f in &sorted {
+        ensure!(
+            f.path.starts_with('/') && !f.path.ends_with('/') && !f.path.contains(".."),
+            "layer file path {:?} must be absolute, without '..'",
+            f.path
+        );
+        let mut parent = Path::new(&f.path).parent();
+        while let Some(p) = parent.filter(|p| *p != Path::new("/")) {
+            dirs.insert(p.to_string_lossy().trim_start_matches('/').to_string());
+            parent = p.parent();
+        }
+    }
+    let header = |path: &str, kind: tar::EntryType, mode: u32, size: u64| -> Result<tar::Header> {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(path)
+            .with_context(|| format!("{path} does not fit a tar header"))?;
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        Ok(h)
+    };
+    let mut builder = tar::Builder::new(Vec::new());
+    for dir in &dirs {
+        let h = header(&format!("{dir}/"), tar::EntryType::Directory, 0o755, 0)?;
+        builder.append(&h, std::io::empty())?;
+    }
+    for f in sorted {
+        let path = f.path.trim_start_matches('/');
+        let h = header(path, tar::EntryType::Regular, f.mode, f.bytes.len() as u64)?;
+        builder.append(&h, f.bytes.as_slice())?;
+    }
+    Ok(builder.into_inner()?)
+}
+
+/// Writes `image` as an OCI image layout in a tar archive (`oci-layout`, `index.json`,
+/// `blobs/sha256/…`) naming it `name` (a full reference, `registry/repo:tag`), as
+/// `ctr images import`, `skopeo copy oci-archive:` and `podman load` read it.
+pub fn write_oci_archive(image: &BuiltImage, name: &str, out: &Path) -> Result<()> {
+    let tag = name.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
+    let mut entry = image.target.to_json();
+    entry["annotations"] = json!({
+        "io.containerd.image.name": name,
+        "org.opencontainers.image.ref.name": tag,
+    });
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": Format::Oci.index(),
+        "manifests": [entry],
+    });
+    let layout = json!({ "imageLayoutVersion": "1.0.0" });
+    let mut files = vec![
+        ("oci-layout".to_string(), to_vec(&layout)),
+        ("index.json".to_string(), to_vec(&index)),
+    ];
+    for blob in &image.blobs {
+        let hex = blob.digest.trim_start_matches("sha256:");
+        files.push((format!("blobs/sha256/{hex}"), blob.bytes.clone()));
+    }
+    let tmp = out.with_extension("tmp");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
+    for dir in ["blobs/", "blobs/sha256/"] {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(dir)?;
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_cksum();
+        builder.append(&h, std::io::empty())?;
+    }
+    for (path, bytes) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(&path)?;
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(bytes.len() as u64);
+        h.set_cksum();
+        builder.append(&h, bytes.as_slice())?;
+    }
+    let mut writer = builder.into_inner()?;
+    std::io::Write::flush(&mut writer)?;
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
 }
 
 fn to_vec(value: &Value) -> Vec<u8> {

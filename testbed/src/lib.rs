@@ -12,6 +12,8 @@ pub mod containerd;
 pub mod cri;
 pub mod crio;
 pub mod image;
+pub mod imagegc_image;
+pub mod node;
 pub mod process;
 pub mod tools;
 
@@ -22,6 +24,7 @@ use anyhow::{Result, bail};
 
 pub use cluster::Cluster;
 pub use containerd::{Containerd, Flavor};
+pub use node::RealNode;
 pub use process::BedDir;
 
 /// What to start.
@@ -33,7 +36,13 @@ pub struct Options {
     pub flavor: Flavor,
     /// Whether to start etcd + kube-apiserver.
     pub cluster: bool,
+    /// Whether to start a real node (kubelet, controller-manager, scheduler, containerd with
+    /// runc and CNI) named [`REAL_NODE_NAME`]; implies `cluster`.
+    pub real_node: bool,
 }
+
+/// The real node's name.
+pub const REAL_NODE_NAME: &str = "real-node";
 
 impl Default for Options {
     fn default() -> Self {
@@ -41,12 +50,15 @@ impl Default for Options {
             nodes: 3,
             flavor: Flavor::from_env(),
             cluster: true,
+            real_node: false,
         }
     }
 }
 
 /// A running bed. Dropping it stops every process and removes its directory.
 pub struct TestBed {
+    /// The real node, if requested (stopped before the API server).
+    pub real_node: Option<RealNode>,
     /// The simulated nodes' containerd daemons.
     pub nodes: Vec<Containerd>,
     /// The API server, if requested.
@@ -68,12 +80,24 @@ impl TestBed {
                 opts.flavor,
             )?);
         }
-        let cluster = if opts.cluster {
-            Some(Cluster::start(dir.path()).await?)
+        let network = if opts.real_node {
+            Some(node::Network::create(dir.path())?)
         } else {
             None
         };
+        let cluster = match &network {
+            Some(net) => Some(Cluster::start_with(dir.path(), &net.cluster_options()).await?),
+            None if opts.cluster => Some(Cluster::start(dir.path()).await?),
+            None => None,
+        };
+        let real_node = match (network, &cluster) {
+            (Some(net), Some(c)) => {
+                Some(RealNode::start(dir.path(), REAL_NODE_NAME, net, c).await?)
+            }
+            _ => None,
+        };
         Ok(TestBed {
+            real_node,
             nodes,
             cluster,
             dir,

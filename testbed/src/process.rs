@@ -8,6 +8,9 @@
 //!   SIGINT/SIGTERM stop them all and remove the directories before exiting.
 //! - [`sweep_stale`] removes directories left by a bed whose owner died (SIGKILL), after killing
 //!   the processes it recorded, identified by PID and by their command line naming that dir.
+//! - What a bed changes outside its directory (a real node's bridge, cgroups, sysctls, mounts
+//!   and the runtime's shims) is recorded in `<dir>/host-state` and undone by
+//!   [`release_host_state`] before the directory is removed, on each of those paths.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -85,7 +88,196 @@ pub fn cleanup_all() {
         }
     }
     for dir in dirs {
+        release_host_state(&dir);
         let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// What a bed changed outside its directory, one line each in `<dir>/host-state`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostChange {
+    /// A network bridge it created (deleted on release).
+    Bridge(String),
+    /// A cgroup it created under every cgroup v1 hierarchy (emptied and removed on release).
+    Cgroup(String),
+    /// A sysctl (`/proc/sys` path) and the value it had before (restored on release).
+    Sysctl(String, String),
+    /// A directory that did not exist before and that a daemon creates at a fixed path
+    /// (removed on release).
+    Created(String),
+}
+
+impl HostChange {
+    fn to_line(&self) -> String {
+        match self {
+            HostChange::Bridge(name) => format!("bridge {name}"),
+            HostChange::Cgroup(name) => format!("cgroup {name}"),
+            HostChange::Sysctl(path, value) => format!("sysctl {path} {value}"),
+            HostChange::Created(path) => format!("created {path}"),
+        }
+    }
+
+    fn parse(line: &str) -> Option<HostChange> {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("bridge"), Some(name), None) => Some(HostChange::Bridge(name.into())),
+            (Some("cgroup"), Some(name), None) => Some(HostChange::Cgroup(name.into())),
+            (Some("sysctl"), Some(path), Some(value)) => {
+                Some(HostChange::Sysctl(path.into(), value.into()))
+            }
+            (Some("created"), Some(path), None) => Some(HostChange::Created(path.into())),
+            _ => None,
+        }
+    }
+}
+
+/// Records `change` in `<dir>/host-state` before it is made, so that every exit path undoes it.
+pub fn record_host_change(dir: &Path, change: &HostChange) -> Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("host-state"))?;
+    std::io::Write::write_all(&mut file, format!("{}\n", change.to_line()).as_bytes())?;
+    Ok(())
+}
+
+/// Undoes what the bed in `dir` did outside it: kills the processes whose command line names
+/// `dir` (a runtime's shims, which outlive their daemon) and every process in its cgroups,
+/// unmounts whatever is mounted under `dir` (pods' volumes, root filesystems, network
+/// namespaces), removes its cgroups, deletes its bridge, restores the sysctls it changed, and
+/// removes the kubelet's `/var/log/containers` links into `dir`. Harmless for a bed that
+/// changed nothing; safe to call twice.
+pub fn release_host_state(dir: &Path) {
+    let changes: Vec<HostChange> = fs::read_to_string(dir.join("host-state"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(HostChange::parse)
+        .collect();
+    let mounted = mounts_under(dir);
+    if changes.is_empty() && mounted.is_empty() {
+        return;
+    }
+    kill_processes_naming(dir);
+    for change in &changes {
+        if let HostChange::Cgroup(name) = change {
+            kill_cgroup_tree(name);
+        }
+    }
+    // Deepest first, lazily: a busy mount is detached now and freed when released.
+    for mount in mounts_under(dir).iter().rev() {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(mount)
+            .stderr(Stdio::null())
+            .status();
+    }
+    for change in changes.iter().rev() {
+        match change {
+            HostChange::Cgroup(name) => remove_cgroup_tree(name),
+            HostChange::Bridge(name) => {
+                let _ = std::process::Command::new("ip")
+                    .args(["link", "delete", name])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            HostChange::Sysctl(path, value) => {
+                let _ = fs::write(path, value);
+            }
+            HostChange::Created(path) => {
+                let _ = fs::remove_dir_all(path);
+            }
+        }
+    }
+    remove_links_into(Path::new("/var/log/containers"), dir);
+    let _ = fs::remove_file(dir.join("host-state"));
+}
+
+/// Mount points under `dir`, from /proc/self/mountinfo, shallowest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let prefix = format!("{}/", dir.display());
+    let mut mounts: Vec<PathBuf> = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| m.replace("\\040", " "))
+        .filter(|m| m.starts_with(&prefix))
+        .map(PathBuf::from)
+        .collect();
+    mounts.sort_by_key(|m| m.components().count());
+    mounts.dedup();
+    mounts
+}
+
+fn kill_processes_naming(dir: &Path) {
+    let dir = dir.to_string_lossy().to_string();
+    let me = std::process::id();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if pid != me && String::from_utf8_lossy(&cmdline).contains(&dir) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The directories of cgroup `name` in every cgroup v1 hierarchy that has it.
+fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join(name))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// Every directory under `dir`, deepest first.
+fn subdirs_deepest_first(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(subdirs_deepest_first(&entry.path()));
+        }
+    }
+    out.push(dir.to_path_buf());
+    out
+}
+
+fn kill_cgroup_tree(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut any = false;
+        for root in cgroup_dirs(name) {
+            for dir in subdirs_deepest_first(&root) {
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    any = true;
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+        if !any || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn remove_cgroup_tree(name: &str) {
+    for root in cgroup_dirs(name) {
+        for dir in subdirs_deepest_first(&root) {
+            let _ = fs::remove_dir(&dir);
+        }
+    }
+}
+
+fn remove_links_into(links: &Path, dir: &Path) {
+    for entry in fs::read_dir(links).into_iter().flatten().flatten() {
+        if fs::read_link(entry.path()).is_ok_and(|target| target.starts_with(dir)) {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -255,6 +447,7 @@ pub fn sweep_stale() {
                 }
             }
         }
+        release_host_state(&dir);
         let _ = fs::remove_dir_all(&dir);
     }
 }
@@ -293,6 +486,7 @@ impl BedDir {
 impl Drop for BedDir {
     fn drop(&mut self) {
         unregister_dir(&self.path);
+        release_host_state(&self.path);
         if !self.keep {
             let _ = fs::remove_dir_all(&self.path);
         }

@@ -23,6 +23,7 @@ async fn crds_are_accepted_and_validate() -> Result<()> {
         nodes: 0,
         flavor: Flavor::V2,
         cluster: true,
+        real_node: false,
     })
     .await?;
     let admin = bed.cluster()?.admin_client().await?;

@@ -190,6 +190,7 @@ async fn api_server_with_rbac_and_tokens() -> Result<()> {
         nodes: 0,
         flavor: Flavor::V2,
         cluster: true,
+        real_node: false,
     })
     .await?;
     let cluster = bed.cluster()?;

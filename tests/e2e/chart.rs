@@ -75,6 +75,7 @@ async fn manifests_apply_and_policy_holds() -> Result<()> {
         nodes: 0,
         flavor: Flavor::V2,
         cluster: true,
+        real_node: false,
     })
     .await?;
     let cluster = bed.cluster()?;
@@ -588,6 +589,7 @@ async fn helm_test_hook_and_notes_check_a_real_install() -> Result<()> {
         nodes: 0,
         flavor: Flavor::V2,
         cluster: true,
+        real_node: false,
     })
     .await?;
     crate::operator::install(&bed).await?;

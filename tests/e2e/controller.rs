@@ -212,6 +212,7 @@ async fn cluster_bed() -> Result<(TestBed, Client)> {
         nodes: 0,
         flavor: Flavor::V2,
         cluster: true,
+        real_node: false,
     })
     .await?;
     // The chart's rendered manifests: CRDs, ServiceAccounts, RBAC, admission policy.

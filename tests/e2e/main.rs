@@ -12,6 +12,7 @@ mod controller;
 mod crio;
 mod faults;
 mod fuzz;
+mod node;
 mod operator;
 mod policy;
 mod removal;
@@ -31,6 +32,7 @@ fn main() {
     trials.extend(crio::trials());
     trials.extend(faults::trials());
     trials.extend(fuzz::trials());
+    trials.extend(node::trials());
     trials.extend(operator::trials());
     trials.extend(policy::trials());
     trials.extend(removal::trials());

@@ -109,6 +109,7 @@ impl Operator {
             nodes: labels.len(),
             flavor: Flavor::V2,
             cluster: true,
+            real_node: false,
         })
         .await?;
         install(&bed).await?;

@@ -92,6 +92,7 @@ async fn cluster() -> Result<TestBed> {
         nodes: 0,
         flavor: Flavor::V2,
         cluster: true,
+        real_node: false,
     })
     .await
 }

@@ -43,6 +43,7 @@ pub async fn nodes(flavor: Flavor, nodes: usize) -> Result<TestBed> {
         nodes,
         flavor,
         cluster: false,
+        real_node: false,
     })
     .await
 }

@@ -1,9 +1,15 @@
-//! `testbed up [--nodes N] [--containerd v2|1.6] [--no-cluster] --env-file FILE`: starts a bed,
+//! `testbed up [--nodes N] [--containerd v2|1.6] [--no-cluster] [--real-node] --env-file FILE`:
+//! starts a bed (with `--real-node`, also a real kubelet node; see `testbed::node`),
 //! writes shell exports describing it to FILE, and keeps it running until SIGINT/SIGTERM, then
 //! tears everything down (the bed's signal handler does it). `hack/testbed` wraps it as `up | down | env`.
 //!
-//! `testbed seed SOCKET...`: puts the demo's images on each node: two tags of an app sharing a
-//! base layer with a web image that a container uses, and a pinned sandbox image.
+//! `testbed image --binary FILE --name REF --out FILE`: writes the imagegc container image of
+//! that binary as an OCI archive (`make image`) and prints its path.
+//!
+//! `testbed seed [--images-only] SOCKET...`: puts the demo's images on each node: two tags of an
+//! app sharing a base layer with a web image that a container uses, and a pinned sandbox image.
+//! With `--images-only` (for the real node, whose kubelet runs real containers and whose CRI
+//! pins its real sandbox image), only the app and web images.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,8 +24,9 @@ async fn main() -> Result<()> {
     match args.next().as_deref() {
         Some("up") => {}
         Some("seed") => return seed(&args.collect::<Vec<_>>()).await,
+        Some("image") => return image_archive(args),
         _ => bail!(
-            "usage: testbed up [--nodes N] [--containerd v2|1.6] [--no-cluster] --env-file FILE\n       testbed seed SOCKET..."
+            "usage: testbed up [--nodes N] [--containerd v2|1.6] [--no-cluster] [--real-node] --env-file FILE\n       testbed image --binary FILE --name REF --out FILE\n       testbed seed [--images-only] SOCKET..."
         ),
     }
     let mut opts = Options::default();
@@ -35,6 +42,7 @@ async fn main() -> Result<()> {
                 }
             }
             "--no-cluster" => opts.cluster = false,
+            "--real-node" => opts.real_node = true,
             "--env-file" => env_file = Some(args.next().context("--env-file FILE")?),
             other => bail!("unknown argument {other}"),
         }
@@ -56,6 +64,15 @@ async fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    if let Some(n) = &bed.real_node {
+        env += &format!("export REAL_NODE={}\n", n.name);
+        env += &format!("export REAL_NODE_SOCKET={}\n", n.socket.display());
+        env += &format!(
+            "export REAL_NODE_CONTAINERD_ROOT={}\n",
+            n.containerd_root.display()
+        );
+        env += &format!("export REAL_NODE_DIR={}\n", n.dir().display());
+    }
     if let Some(c) = &bed.cluster {
         env += &format!("export KUBECONFIG={}\n", c.admin_kubeconfig.display());
         env += &format!("export KUBE_SERVER={}\n", c.server);
@@ -72,8 +89,34 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-async fn seed(sockets: &[String]) -> Result<()> {
+fn image_archive(mut args: impl Iterator<Item = String>) -> Result<()> {
+    let (mut binary, mut name, mut out) = (None, None, None);
+    while let Some(a) = args.next() {
+        let slot = match a.as_str() {
+            "--binary" => &mut binary,
+            "--name" => &mut name,
+            "--out" => &mut out,
+            other => bail!("unknown argument {other}"),
+        };
+        *slot = Some(args.next().with_context(|| format!("{a} needs a value"))?);
+    }
+    let binary = binary.context("--binary FILE is required")?;
+    let name = name.context("--name REF is required")?;
+    let out = out.context("--out FILE is required")?;
+    let img = testbed::imagegc_image::write(Path::new(&binary), &name, Path::new(&out))?;
+    eprintln!(
+        "testbed: {name} (id {}, {} MiB) written as an OCI archive",
+        img.id(),
+        img.size() >> 20
+    );
+    println!("{out}");
+    Ok(())
+}
+
+async fn seed(args: &[String]) -> Result<()> {
     const NS: &str = "k8s.io";
+    let images_only = args.first().is_some_and(|a| a == "--images-only");
+    let sockets = &args[usize::from(images_only)..];
     let app = ImageBuilder::new("demo-app")
         .shared_base("demo-base", 2 << 20)
         .layer_sizes(&[3 << 20])
@@ -97,6 +140,9 @@ async fn seed(sockets: &[String]) -> Result<()> {
         )
         .await?;
         image::import(socket, NS, &web, &names(&["docker.io/acme/web:2.3"]), &none).await?;
+        if images_only {
+            continue;
+        }
         image::import(
             socket,
             NS,
