@@ -47,6 +47,7 @@ step "helm install: CRDs, RBAC, admission policy, the agent DaemonSet and the co
 show "$helm" install imagegc charts/imagegc --namespace "$ns" --create-namespace \
   --set image.repository="${IMAGE_NAME%:*}" --set image.tag="${IMAGE_NAME##*:}" --set image.pullPolicy=Never \
   --set containerd.socket="$REAL_NODE_SOCKET" --set containerd.root="$REAL_NODE_CONTAINERD_ROOT" \
+  --set agent.allowForce=true --set agent.prune.minImageAgeSeconds=0 \
   --wait --timeout 3m
 
 step "three simulated Nodes: node-0 and node-1 in the blue pool, node-2 in the green one; the real node joins blue"
