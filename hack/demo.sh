@@ -92,7 +92,8 @@ spec:
   tolerations: [{operator: Exists}]
   containers: [{name: agent, image: ghcr.io/imagegc/imagegc:0.1.0}]
 YAML
-  )
+  ) || true # jsonpath prints no newline, so read reports end of input after reading both words
+  [ -n "$pod" ] && [ -n "$uid" ] || { echo "creating the agent pod for node-$i failed" >&2; exit 1; }
   token=$("$kubectl" -n "$ns" create token imagegc-agent --duration 1h \
     --bound-object-kind Pod --bound-object-name "$pod" --bound-object-uid "$uid")
   kubeconfig_for "agent-node-$i" "$token" "$state/agent-$i.kubeconfig"
