@@ -334,15 +334,26 @@ async fn folds_reports_into_status() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
 
-        let (code, metrics) = http_get(controller.port, "/metrics").await?;
-        ensure!(code == 200, "/metrics answered {code}");
-        for needle in [
+        // The test can see the object gone before the controller has read the answer to its
+        // delete call and counted it, so the counter is polled, not read once.
+        let needles = [
             "imagegc_controller_is_leader 1",
             "imagegc_controller_status_writes_total",
             "imagegc_controller_ttl_deletions_total 1",
             "imagegc_controller_reconciles_total{result=\"ok\"}",
-        ] {
-            ensure!(metrics.contains(needle), "/metrics lacks {needle}:\n{metrics}");
+        ];
+        let deadline = Instant::now() + T;
+        loop {
+            let (code, metrics) = http_get(controller.port, "/metrics").await?;
+            ensure!(code == 200, "/metrics answered {code}");
+            let Some(missing) = needles.iter().find(|n| !metrics.contains(*n)) else {
+                break;
+            };
+            ensure!(
+                Instant::now() < deadline,
+                "/metrics lacks {missing}:\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
 
         // SIGTERM: the controller releases the Lease for a fast takeover.
