@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -32,6 +33,9 @@ pub struct Target {
     /// Platform whose manifest defines an image's ID, as os/arch[/variant] (default: this host).
     #[arg(long, hide = true)]
     pub platform: Option<Platform>,
+    /// Print how long each step took, on standard error (for benchmarks).
+    #[arg(long, hide = true)]
+    pub timings: bool,
 }
 
 impl Target {
@@ -160,8 +164,19 @@ pub fn render_images(
 
 /// `imagegc images`.
 pub async fn images(target: &Target, format: Format, out: &mut impl Write) -> Result<(), CliError> {
+    let start = Instant::now();
     let rt = target.connect().await?;
-    let (inv, records) = rt.inventory_and_records(&target.matcher()).await?;
+    let (inv, records, stats) = rt.inventory_listed(&target.matcher()).await?;
+    if target.timings {
+        eprintln!(
+            "timings (ms): listing {:.1}, content reads {:.1}; total {:.1}; {} target(s), {} blob(s) read",
+            stats.listed.as_secs_f64() * 1000.0,
+            (stats.elapsed - stats.listed).as_secs_f64() * 1000.0,
+            start.elapsed().as_secs_f64() * 1000.0,
+            stats.targets_read,
+            stats.blobs_read
+        );
+    }
     if inv.images.is_empty() && matches!(format, Format::Table) {
         writeln!(out, "no images in {}", rt.location())?;
         return Ok(());
@@ -181,9 +196,11 @@ pub async fn rmi(
     dry_run: bool,
     out: &mut impl Write,
 ) -> Result<bool, CliError> {
+    let start = Instant::now();
     let rt = target.connect().await?;
+    let connected = start.elapsed();
     let matcher = target.matcher();
-    let inv = rt.inventory(&matcher).await?;
+    let (inv, stats) = rt.inventory_for(&images, &matcher).await?;
     let plan = plan::plan(
         &Request {
             images,
@@ -192,6 +209,11 @@ pub async fn rmi(
         },
         &inv,
     );
+    let mut timings = vec![
+        ("connect", connected),
+        ("listing", stats.listed),
+        ("content reads", stats.elapsed - stats.listed),
+    ];
     let mut ok = true;
     let verb = if dry_run { "would remove" } else { "removed" };
     for item in &plan.items {
@@ -227,6 +249,25 @@ pub async fn rmi(
         return Ok(ok);
     }
     let done = rt.execute(plan).await?;
+    if target.timings {
+        timings.extend(done.phases.iter().copied());
+        let steps: Vec<String> = timings
+            .iter()
+            .map(|(step, d)| format!("{step} {:.1}", d.as_secs_f64() * 1000.0))
+            .collect();
+        eprintln!(
+            "timings (ms): {}; total {:.1}; {} target(s), {} blob(s) read{}",
+            steps.join(", "),
+            start.elapsed().as_secs_f64() * 1000.0,
+            stats.targets_read,
+            stats.blobs_read,
+            if stats.read_all {
+                ", every image read"
+            } else {
+                ""
+            }
+        );
+    }
     match rt {
         Runtime::Containerd(_) if !done.deleted.is_empty() || !done.already_gone.is_empty() => {
             writeln!(

@@ -4,8 +4,10 @@
 //! back, delete the journal and measure what was freed.
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
+use futures::{StreamExt, TryStreamExt};
 
 use crate::containerd::{Runtime, RuntimeError};
 use crate::core::inventory::Journal;
@@ -39,6 +41,10 @@ pub struct Executed {
     /// Synchronous garbage collections run (1 per batch that deleted anything; more only if
     /// verification had to delete again). CRI backend: 0, the runtime collects on its own.
     pub gc_runs: u32,
+    /// How long each step took, in order: the journal write (with the first content listing),
+    /// the deletes, the last delete (which waits for the garbage collection), the check that
+    /// nothing came back (with the second content listing), the journal delete.
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 /// Executes `plan` against `rt`. With nothing to delete it only removes journals whose
@@ -60,6 +66,7 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
         }
         return Ok(done);
     }
+    let mut clock = Instant::now();
     // The journal goes first: from here on, an interruption leaves it for the next run. It
     // is written alongside the first content listing; if that listing fails, the batch is
     // committed all the same and the next run finishes it (re-checking pinned and in use).
@@ -69,6 +76,7 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
             false => rt.create_journal(&done.plan.marks).await.map(Some),
         }
     })?;
+    lap(&mut done, &mut clock, "journal");
 
     // Marked records (this run's marks, and records an earlier run left pending) go after
     // every other record, so until its image is gone each started image keeps one.
@@ -80,7 +88,7 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
         .cloned()
         .collect();
     let deletes = done.plan.deletes.clone();
-    delete_batch(rt, &deletes, &marked, &mut done).await?;
+    delete_batch(rt, &deletes, &marked, &mut done, &mut clock).await?;
 
     // Every record of a removed image, by name: what must not be there any more.
     let removed: BTreeSet<String> = done
@@ -112,7 +120,7 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
             break;
         }
         tracing::info!(records = ?again, "records of removed images reappeared; deleting again");
-        delete_batch(rt, &again, &BTreeSet::new(), &mut done).await?;
+        delete_batch(rt, &again, &BTreeSet::new(), &mut done, &mut clock).await?;
         remaining.retain(|n| !removed.contains(n));
     }
 
@@ -121,7 +129,9 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
         id,
         names: done.plan.marks.iter().cloned().collect(),
     }));
+    lap(&mut done, &mut clock, "verify");
     finish_journals(rt, &journals, &remaining).await?;
+    lap(&mut done, &mut clock, "journal delete");
 
     let after = match after {
         Some(after) => after,
@@ -133,6 +143,13 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
         .map(|(_, size)| size)
         .sum();
     Ok(done)
+}
+
+/// Records the time since `clock` as `phase`, and restarts the clock.
+fn lap(done: &mut Executed, clock: &mut Instant, phase: &'static str) {
+    let now = Instant::now();
+    done.phases.push((phase, now - *clock));
+    *clock = now;
 }
 
 /// Deletes each of `journals` none of whose records is among `remaining`.
@@ -149,33 +166,39 @@ async fn finish_journals(
     Ok(())
 }
 
-/// Deletes `names`: the unmarked ones a few at a time, then the marked ones likewise, then
-/// the last one synchronously, so containerd collects garbage once, after everything.
+/// Deletes `names`: the unmarked ones [`DELETE_CONCURRENCY`] at a time, then the marked ones
+/// likewise, then the last one synchronously, so containerd collects garbage once, after
+/// everything.
 async fn delete_batch(
     rt: &Runtime,
     names: &[String],
     marked: &BTreeSet<String>,
     done: &mut Executed,
+    clock: &mut Instant,
 ) -> Result<(), RuntimeError> {
     let Some((last, rest)) = names.split_last() else {
         return Ok(());
     };
     let (unmarked, marks): (Vec<&String>, Vec<&String>) =
         rest.iter().partition(|n| !marked.contains(*n));
+    // Within a phase a window of deletes stays in flight; the marks wait for every unmarked
+    // delete, so an image keeps its marked record until its other records are gone.
     for phase in [unmarked, marks] {
-        for chunk in phase.chunks(DELETE_CONCURRENCY) {
-            // A loop, not a closure: a closure over `&&String` makes the caller's future
-            // fail the `Send` check for every lifetime (a rustc limitation).
-            let mut calls = Vec::with_capacity(chunk.len());
-            for name in chunk {
-                calls.push(rt.delete_image(name, false));
-            }
-            let existed = try_join_all(calls).await?;
-            for (name, existed) in chunk.iter().zip(existed) {
-                record(done, name, existed);
-            }
+        // A loop, not a closure: a closure over `&&String` makes the caller's future fail
+        // the `Send` check for every lifetime (a rustc limitation).
+        let mut calls = Vec::with_capacity(phase.len());
+        for name in &phase {
+            calls.push(rt.delete_image(name, false));
+        }
+        let existed: Vec<bool> = futures::stream::iter(calls)
+            .buffered(DELETE_CONCURRENCY)
+            .try_collect()
+            .await?;
+        for (name, existed) in phase.iter().zip(existed) {
+            record(done, name, existed);
         }
     }
+    lap(done, clock, "deletes");
     let existed = rt.delete_image(last, true).await?;
     record(done, last, existed);
     if !existed {
@@ -183,6 +206,7 @@ async fn delete_batch(
         rt.collect_garbage().await?;
     }
     done.gc_runs += 1;
+    lap(done, clock, "last delete and garbage collection");
     Ok(())
 }
 

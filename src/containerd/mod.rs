@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::{
     DeleteImageRequest, GetImageRequest, Image, ListContainersRequest, ListContentRequest,
@@ -24,9 +25,9 @@ use serde::Deserialize;
 
 pub use crate::runtime::RuntimeError;
 
-use crate::core::inventory::{ContainerRecord, ImageRecord, Inventory, Journal};
+use crate::core::inventory::{self, BlobInfo, ContainerRecord, ImageRecord, Inventory, Journal};
 use crate::core::manifest::{self, Descriptor, ManifestError, Selection};
-use crate::core::platform::Matcher;
+use crate::core::platform::{Matcher, Platform};
 
 /// Where containerd listens on a stock node.
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -45,6 +46,22 @@ fn call_err(op: impl Into<String>) -> impl FnOnce(Status) -> RuntimeError {
         op,
         status: Box::new(status),
     }
+}
+
+/// What building an inventory read, and how long it took.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Listing records, containers and journals (one round trip, the three at once).
+    pub listed: Duration,
+    /// The whole inventory, listing included.
+    pub elapsed: Duration,
+    /// Distinct targets whose content was read.
+    pub targets_read: usize,
+    /// Content blobs read (indexes, manifests, configs).
+    pub blobs_read: usize,
+    /// Whether every target was read: a requested string named no image or several, or a
+    /// recorded ID disagreed with its content.
+    pub read_all: bool,
 }
 
 /// A connection to one containerd namespace.
@@ -205,6 +222,90 @@ impl Runtime {
         Ok(sizes)
     }
 
+    /// Size and labels of every content blob in the namespace, by digest.
+    pub async fn content_infos(&self) -> Result<BTreeMap<String, BlobInfo>, RuntimeError> {
+        let mut stream = ContentClient::new(self.channel.clone())
+            .list(self.req(ListContentRequest { filters: vec![] }))
+            .await
+            .map_err(call_err("list content"))?
+            .into_inner();
+        let mut infos = BTreeMap::new();
+        while let Some(resp) = stream.message().await.map_err(call_err("list content"))? {
+            for info in resp.info {
+                let labels = info.labels.into_iter().collect();
+                infos.insert(
+                    info.digest,
+                    BlobInfo {
+                        size: info.size,
+                        labels,
+                    },
+                );
+            }
+        }
+        Ok(infos)
+    }
+
+    /// [`Runtime::inventory_and_records`] from listings alone where they suffice: each record's
+    /// ID from the `sha256:<id>` record the CRI plugin created for its target
+    /// ([`inventory::cri_recorded_ids`]), its manifest, config and layers from the
+    /// garbage-collection labels of one content listing ([`inventory::selection_from_labels`]).
+    /// Only the targets these do not describe for certain are read. For showing a node's
+    /// images; a removal reads what it deletes ([`Runtime::inventory_for`]).
+    pub async fn inventory_listed(
+        &self,
+        matcher: &Matcher,
+    ) -> Result<(Inventory, Vec<ImageRecord>, ReadStats), RuntimeError> {
+        let start = Instant::now();
+        let (records, containers, journals, blobs) = tokio::try_join!(
+            self.list_images(),
+            self.list_containers(),
+            self.list_journals(),
+            self.content_infos()
+        )?;
+        let mut stats = ReadStats {
+            listed: start.elapsed(),
+            ..ReadStats::default()
+        };
+        let recorded = match *matcher == Matcher::only(Platform::host()) {
+            true => inventory::cri_recorded_ids(&records, target_key),
+            false => BTreeMap::new(),
+        };
+        let mut targets: BTreeMap<String, &Descriptor> = BTreeMap::new();
+        for record in &records {
+            targets
+                .entry(target_key(&record.target))
+                .or_insert(&record.target);
+        }
+        let mut selected: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
+        for (k, target) in &targets {
+            if let Some(sel) = recorded
+                .get(k)
+                .and_then(|id| inventory::selection_from_labels(target, id, &blobs))
+            {
+                selected.insert(k.clone(), Ok(sel));
+            }
+        }
+        let rest: Vec<&String> = targets
+            .keys()
+            .filter(|k| !selected.contains_key(*k))
+            .collect();
+        self.read_into(&rest, &targets, matcher, &mut selected, &mut stats)
+            .await?;
+        let selections: BTreeMap<String, Result<Selection, String>> = records
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r.name.clone(),
+                    selected.get(&target_key(&r.target))?.clone(),
+                ))
+            })
+            .collect();
+        let mut inventory = Inventory::build(&records, &selections, &containers);
+        inventory.add_journals(journals, &records);
+        stats.elapsed = start.elapsed();
+        Ok((inventory, records, stats))
+    }
+
     /// Reads the namespace into the CRI view for the platform `matcher` describes.
     ///
     /// Each record's blobs (indexes, manifest, config) are read as its selection asks for
@@ -236,9 +337,7 @@ impl Runtime {
             }
         )?;
         // Records with the same target (a tag, its digest name and its `sha256:<id>` record)
-        // share one selection. Each target advances on its own: as soon as a blob it waits for
-        // arrives, it is selected again and asks for its next blob (index, manifest, config),
-        // so reads of different depths overlap instead of waiting for each other level by level.
+        // share one selection.
         let mut targets: Vec<(&Descriptor, Vec<&str>)> = Vec::new();
         let mut target_index: HashMap<String, usize> = HashMap::new();
         let mut keys: Vec<String> = Vec::new();
@@ -256,24 +355,63 @@ impl Runtime {
             });
             targets[i].1.push(&record.name);
         }
-        let mut blobs: HashMap<String, Vec<u8>> = HashMap::new();
-        let mut missing: BTreeSet<String> = BTreeSet::new();
         let mut selected: Vec<Option<Result<Selection, String>>> = vec![None; targets.len()];
-        let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
-        let mut ready: Vec<usize> = Vec::new();
+        let mut to_read: Vec<usize> = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             match cache.get(key) {
                 Some(sel) if sel.read_from().all(|d| present.contains_key(d)) => {
                     selected[i] = Some(Ok(sel.clone()));
                 }
-                _ => ready.push(i),
+                _ => to_read.push(i),
             }
         }
+        let descriptors: Vec<&Descriptor> = to_read.iter().map(|&i| targets[i].0).collect();
+        let (read, _) = self.select_targets(&descriptors, matcher).await?;
+        for (i, selection) in to_read.into_iter().zip(read) {
+            selected[i] = Some(selection);
+        }
+        // Keep what this inventory selected (and only that: images gone leave the cache).
+        let mut next_cache = HashMap::new();
+        for (key, selection) in keys.iter().zip(&selected) {
+            if let Some(Ok(sel)) = selection {
+                next_cache.insert(key.clone(), sel.clone());
+            }
+        }
+        *self.selections.lock().unwrap_or_else(|e| e.into_inner()) = next_cache;
+        let mut selections: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
+        for ((_, names), selection) in targets.iter().zip(selected) {
+            let Some(selection) = selection else { continue };
+            for name in names {
+                selections.insert(name.to_string(), selection.clone());
+            }
+        }
+        let mut inventory = Inventory::build(&records, &selections, &containers);
+        inventory.add_journals(journals, &records);
+        Ok((inventory, records))
+    }
+
+    /// Selects each of `targets` for `matcher` from the content store; returns the selections
+    /// in order, each the selection or why there is none, and how many blobs were read.
+    ///
+    /// Each target advances on its own: as soon as a blob it waits for arrives, it is selected
+    /// again and asks for its next blob (index, manifest, config), so reads of different depths
+    /// overlap instead of waiting for each other level by level. [`READ_CONCURRENCY`] reads are
+    /// kept in flight, each distinct blob read once.
+    async fn select_targets(
+        &self,
+        targets: &[&Descriptor],
+        matcher: &Matcher,
+    ) -> Result<(Vec<Result<Selection, String>>, usize), RuntimeError> {
+        let mut blobs: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut missing: BTreeSet<String> = BTreeSet::new();
+        let mut selected: Vec<Option<Result<Selection, String>>> = vec![None; targets.len()];
+        let mut waiting: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut ready: Vec<usize> = (0..targets.len()).collect();
         let mut queue: Vec<String> = Vec::new();
         let mut reads = futures::stream::FuturesUnordered::new();
         loop {
             for i in ready.drain(..) {
-                match manifest::select(targets[i].0, &blobs, matcher) {
+                match manifest::select(targets[i], &blobs, matcher) {
                     Err(ManifestError::MissingBlob(digest)) if missing.contains(&digest) => {
                         selected[i] = Some(Err(format!("content {digest} is missing")));
                     }
@@ -304,24 +442,118 @@ impl Runtime {
             }
             ready.extend(waiting.remove(&digest).unwrap_or_default());
         }
-        // Keep what this inventory selected (and only that: images gone leave the cache).
-        let mut next_cache = HashMap::new();
-        for (key, selection) in keys.iter().zip(&selected) {
-            if let Some(Ok(sel)) = selection {
-                next_cache.insert(key.clone(), sel.clone());
-            }
+        let read = blobs.len() + missing.len();
+        let selections = selected
+            .into_iter()
+            .map(|s| s.unwrap_or_else(|| Err("its manifest was not read".into())))
+            .collect();
+        Ok((selections, read))
+    }
+
+    /// The inventory a removal of `request` (the strings a user asked to remove) needs, reading
+    /// content in proportion to the request rather than to the node.
+    ///
+    /// One listing of records, containers and journals; each record's ID comes from the
+    /// `sha256:<id>` record the CRI plugin created for its target
+    /// ([`inventory::cri_recorded_ids`]), and only targets without one are read. Then the
+    /// targets of every record the plan may delete ([`inventory::records_to_verify`]) are read,
+    /// and each must give the ID its record claimed. If one does not, or a string names no
+    /// image or several, every target is read, as [`Runtime::inventory`] does. Images the
+    /// request does not touch carry their ID, references, pinning and users, but not their
+    /// size or content.
+    pub async fn inventory_for(
+        &self,
+        request: &[String],
+        matcher: &Matcher,
+    ) -> Result<(Inventory, ReadStats), RuntimeError> {
+        let start = Instant::now();
+        let (records, containers, journals) = tokio::try_join!(
+            self.list_images(),
+            self.list_containers(),
+            self.list_journals()
+        )?;
+        let mut stats = ReadStats {
+            listed: start.elapsed(),
+            ..ReadStats::default()
+        };
+        // The CRI plugin records IDs for its default platform only.
+        let recorded = match *matcher == Matcher::only(Platform::host()) {
+            true => inventory::cri_recorded_ids(&records, target_key),
+            false => BTreeMap::new(),
+        };
+        let mut targets: BTreeMap<String, &Descriptor> = BTreeMap::new();
+        for record in &records {
+            targets
+                .entry(target_key(&record.target))
+                .or_insert(&record.target);
         }
-        *self.selections.lock().unwrap_or_else(|e| e.into_inner()) = next_cache;
-        let mut selections: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
-        for ((_, names), selection) in targets.iter().zip(selected) {
-            let Some(selection) = selection else { continue };
-            for name in names {
-                selections.insert(name.to_string(), selection.clone());
+        let mut read: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
+        let unknown: Vec<&String> = targets
+            .keys()
+            .filter(|k| !recorded.contains_key(*k))
+            .collect();
+        self.read_into(&unknown, &targets, matcher, &mut read, &mut stats)
+            .await?;
+        let assumed = assumed_inventory(&records, &containers, &journals, &read, &recorded);
+        let confirmed = match inventory::records_to_verify(request, &assumed) {
+            Some(deletable) => {
+                let deletable: BTreeSet<String> = records
+                    .iter()
+                    .filter(|r| deletable.contains(&r.name))
+                    .map(|r| target_key(&r.target))
+                    .collect();
+                let verify: Vec<&String> = targets
+                    .keys()
+                    .filter(|k| deletable.contains(*k) && !read.contains_key(*k))
+                    .collect();
+                self.read_into(&verify, &targets, matcher, &mut read, &mut stats)
+                    .await?;
+                let confirmed = verify.iter().all(|k| match &read[*k] {
+                    Ok(s) => recorded.get(*k).map(String::as_str) == Some(s.id()),
+                    Err(_) => false,
+                });
+                if !confirmed {
+                    tracing::warn!(
+                        "a sha256:<id> record disagrees with its content; reading every image"
+                    );
+                }
+                confirmed
             }
+            None => false,
+        };
+        if !confirmed {
+            // A string that names no image (or several), or a recorded ID its content does
+            // not give: decide on IDs read from content alone.
+            stats.read_all = true;
+            let rest: Vec<&String> = targets.keys().filter(|k| !read.contains_key(*k)).collect();
+            self.read_into(&rest, &targets, matcher, &mut read, &mut stats)
+                .await?;
         }
-        let mut inventory = Inventory::build(&records, &selections, &containers);
-        inventory.add_journals(journals, &records);
-        Ok((inventory, records))
+        stats.elapsed = start.elapsed();
+        let inventory = assumed_inventory(&records, &containers, &journals, &read, &recorded);
+        Ok((inventory, stats))
+    }
+
+    /// Selects the targets named by `keys` (keys of `targets`) into `read`.
+    async fn read_into(
+        &self,
+        keys: &[&String],
+        targets: &BTreeMap<String, &Descriptor>,
+        matcher: &Matcher,
+        read: &mut BTreeMap<String, Result<Selection, String>>,
+        stats: &mut ReadStats,
+    ) -> Result<(), RuntimeError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let descriptors: Vec<&Descriptor> = keys.iter().map(|k| targets[*k]).collect();
+        let (selections, blobs) = self.select_targets(&descriptors, matcher).await?;
+        stats.targets_read += keys.len();
+        stats.blobs_read += blobs;
+        for (k, s) in keys.iter().zip(selections) {
+            read.insert((*k).clone(), s);
+        }
+        Ok(())
     }
 
     /// Sets `key=value` on the image record `name` (other labels are kept). A record that is
@@ -476,6 +708,37 @@ impl Runtime {
             .map_err(call_err("delete lease (garbage collection)"))?;
         Ok(())
     }
+}
+
+/// The key of a target: a selection depends on the whole descriptor.
+fn target_key(d: &Descriptor) -> String {
+    serde_json::to_string(d).unwrap_or_default()
+}
+
+/// The inventory of `records`, each selected as `read` says for its target, else as the CRI
+/// plugin `recorded` it (an unread selection), else skipped as unread.
+fn assumed_inventory(
+    records: &[ImageRecord],
+    containers: &[ContainerRecord],
+    journals: &[Journal],
+    read: &BTreeMap<String, Result<Selection, String>>,
+    recorded: &BTreeMap<String, String>,
+) -> Inventory {
+    let selections: BTreeMap<String, Result<Selection, String>> = records
+        .iter()
+        .filter_map(|r| {
+            let k = target_key(&r.target);
+            let s = match (read.get(&k), recorded.get(&k)) {
+                (Some(s), _) => s.clone(),
+                (None, Some(id)) => Ok(inventory::unread_selection(&r.target, id)),
+                (None, None) => return None,
+            };
+            Some((r.name.clone(), s))
+        })
+        .collect();
+    let mut inventory = Inventory::build(records, &selections, containers);
+    inventory.add_journals(journals.to_vec(), records);
+    inventory
 }
 
 fn image_record(image: Image) -> Option<ImageRecord> {

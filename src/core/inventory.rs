@@ -364,6 +364,182 @@ impl Inventory {
     }
 }
 
+/// Label the CRI plugin sets on every image record it has adopted.
+pub const CRI_IMAGE_LABEL: &str = "io.cri-containerd.image";
+/// Value of [`CRI_IMAGE_LABEL`] on an adopted record.
+pub const CRI_IMAGE_MANAGED: &str = "managed";
+
+/// The image ID the CRI plugin recorded for each target, keyed by `target_key`.
+///
+/// When the CRI plugin adopts a record it reads the target's manifest and config for the
+/// node's platform and creates `sha256:<id>`, labelled [`CRI_IMAGE_LABEL`], pointing at the
+/// same target: that name is the target's ID, found without reading any content. A target
+/// with no such record, or with several (a record created by hand can claim any name), has no
+/// entry: its content must be read. What these IDs claim is checked against content before
+/// anything is deleted (see [`records_to_verify`]).
+pub fn cri_recorded_ids(
+    records: &[ImageRecord],
+    target_key: impl Fn(&Descriptor) -> String,
+) -> BTreeMap<String, String> {
+    let mut claims: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    for record in records {
+        let is_id = record.name.strip_prefix("sha256:").is_some_and(|hex| {
+            hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        });
+        let adopted =
+            record.labels.get(CRI_IMAGE_LABEL).map(String::as_str) == Some(CRI_IMAGE_MANAGED);
+        if is_id && adopted {
+            claims
+                .entry(target_key(&record.target))
+                .or_default()
+                .insert(&record.name);
+        }
+    }
+    claims
+        .into_iter()
+        .filter_map(|(key, ids)| match ids.len() {
+            1 => ids.first().map(|id| (key, id.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The selection standing in for a target whose content was not read: `id` as the CRI plugin
+/// recorded it (see [`cri_recorded_ids`]), the target as the manifest, no layers. Its size and
+/// content are only the target's.
+pub fn unread_selection(target: &Descriptor, id: &str) -> Selection {
+    Selection {
+        manifest: target.clone(),
+        config: Descriptor {
+            digest: id.to_string(),
+            ..Descriptor::default()
+        },
+        layers: Vec::new(),
+        indexes: Vec::new(),
+    }
+}
+
+/// Names of every record that a plan for `request` against `inventory` may delete: all
+/// references of the images the requested strings resolve to, and of the images that pending
+/// records belong to (a pending record that is no image goes alone). Before any of them is
+/// deleted, its target's content must be read and must give the ID the inventory assumed.
+///
+/// `None` when a string resolves to no image or to several: an ID the inventory only assumed
+/// could hide the one it names, so that answer must come from IDs read from content. Invalid
+/// strings need nothing.
+pub fn records_to_verify(request: &[String], inventory: &Inventory) -> Option<BTreeSet<String>> {
+    let ids = inventory.ids();
+    let mut names = BTreeSet::new();
+    for input in request {
+        match resolve(input, &ids, &inventory.ref_to_id) {
+            Ok(Resolution::Found(id)) => match inventory.images.get(&id) {
+                Some(image) => names.extend(image.references.iter().cloned()),
+                None => return None,
+            },
+            Ok(Resolution::NotFound | Resolution::Ambiguous(_)) => return None,
+            Err(_) => {}
+        }
+    }
+    for name in &inventory.pending {
+        match inventory
+            .images
+            .values()
+            .find(|i| i.references.contains(name))
+        {
+            Some(image) => names.extend(image.references.iter().cloned()),
+            None => {
+                names.insert(name.clone());
+            }
+        }
+    }
+    Some(names)
+}
+
+/// Label on a manifest naming its config, as containerd writes it for garbage collection.
+const GC_CONFIG_LABEL: &str = "containerd.io/gc.ref.content.config";
+/// Prefix of the labels on a manifest naming its layers (`l.<n>`), and on an index naming its
+/// manifests (`m.<n>`).
+const GC_LAYER_PREFIX: &str = "containerd.io/gc.ref.content.l.";
+const GC_MANIFEST_PREFIX: &str = "containerd.io/gc.ref.content.m.";
+
+/// One content blob as containerd's content listing describes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Its size in bytes.
+    pub size: i64,
+    /// Its labels (among them the garbage-collection references to its children).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The selection for `target`, whose ID the CRI plugin recorded as `id` (see
+/// [`cri_recorded_ids`]), as the garbage-collection labels of the content listing `blobs`
+/// describe it, without reading any content: the target manifest (or the one manifest of the
+/// target index whose config is `id`), its config and its layers, with their stored sizes.
+///
+/// `None` when the labels do not say it for certain (then the content must be read): the
+/// manifest does not name `id` as its config, a blob is missing, no layer is labelled (layers
+/// discarded after unpacking are not), an index has no or several manifests with that config,
+/// or the media type is another.
+pub fn selection_from_labels(
+    target: &Descriptor,
+    id: &str,
+    blobs: &BTreeMap<String, BlobInfo>,
+) -> Option<Selection> {
+    use crate::core::manifest::{
+        MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_MANIFEST_LIST, MEDIA_TYPE_OCI_INDEX,
+        MEDIA_TYPE_OCI_MANIFEST,
+    };
+    let children = |digest: &str, prefix: &str| -> Option<Vec<(usize, String)>> {
+        let info = blobs.get(digest)?;
+        let mut v: Vec<(usize, String)> = info
+            .labels
+            .iter()
+            .filter_map(|(k, d)| Some((k.strip_prefix(prefix)?.parse().ok()?, d.clone())))
+            .collect();
+        v.sort();
+        Some(v)
+    };
+    let config_of = |digest: &str| blobs.get(digest)?.labels.get(GC_CONFIG_LABEL).cloned();
+    let sized = |digest: &str| -> Option<Descriptor> {
+        Some(Descriptor {
+            digest: digest.to_string(),
+            size: blobs.get(digest)?.size,
+            ..Descriptor::default()
+        })
+    };
+    let (manifest, indexes) = match target.media_type.as_str() {
+        MEDIA_TYPE_OCI_MANIFEST | MEDIA_TYPE_DOCKER_MANIFEST => (target.clone(), Vec::new()),
+        MEDIA_TYPE_OCI_INDEX | MEDIA_TYPE_DOCKER_MANIFEST_LIST => {
+            let matching: Vec<String> = children(&target.digest, GC_MANIFEST_PREFIX)?
+                .into_iter()
+                .map(|(_, d)| d)
+                .filter(|d| config_of(d).as_deref() == Some(id))
+                .collect();
+            match matching.as_slice() {
+                [one] => (sized(one)?, vec![target.clone()]),
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    if config_of(&manifest.digest).as_deref() != Some(id) {
+        return None;
+    }
+    let layers = children(&manifest.digest, GC_LAYER_PREFIX)?
+        .into_iter()
+        .map(|(_, d)| sized(&d))
+        .collect::<Option<Vec<Descriptor>>>()?;
+    if layers.is_empty() {
+        return None;
+    }
+    Some(Selection {
+        manifest,
+        config: sized(id)?,
+        layers,
+        indexes,
+    })
+}
+
 fn selection_digests(s: &Selection) -> impl Iterator<Item = String> + '_ {
     s.indexes
         .iter()
@@ -768,6 +944,202 @@ mod tests {
         assert_eq!(
             alone.exclusive_content(&digest(0xc1)),
             set(&[0x11, 0xc1, BASE, 0x1a])
+        );
+    }
+
+    fn by_digest(d: &Descriptor) -> String {
+        d.digest.clone()
+    }
+
+    #[test]
+    fn cri_recorded_ids_come_from_adopted_id_records_that_agree() {
+        let (n, r) = (nginx(), redis());
+        let other = selection(0x13, 0xc3, &[0x3a]);
+        let managed = [(CRI_IMAGE_LABEL, CRI_IMAGE_MANAGED)];
+        let recs = records(&[
+            ("docker.io/library/nginx:1.25", &n, &[]),
+            (&digest(0xc1), &n, &managed),
+            // Not adopted by the CRI plugin: claims nothing.
+            (&digest(0xc2), &r, &[]),
+            ("docker.io/library/redis:7", &r, &[]),
+            // Two adopted ID records for one target: which is right is unknown.
+            (&digest(0xc3), &other, &managed),
+            (&digest(0xc4), &other, &managed),
+            // Not an ID: a short or uppercase hex name claims nothing.
+            ("sha256:c1", &r, &managed),
+            (
+                &digest(0xc2).to_uppercase().replace("SHA256", "sha256"),
+                &r,
+                &managed,
+            ),
+        ]);
+        let ids = cri_recorded_ids(&recs, by_digest);
+        assert_eq!(ids, [(n.manifest.digest.clone(), digest(0xc1))].into());
+    }
+
+    #[test]
+    fn an_unread_selection_carries_the_recorded_id_only() {
+        let n = nginx();
+        let s = unread_selection(&n.manifest, &digest(0xc1));
+        assert_eq!(s.id(), digest(0xc1));
+        assert_eq!(s.size(), 500);
+        assert!(s.layers.is_empty() && s.indexes.is_empty());
+    }
+
+    #[test]
+    fn records_to_verify_are_every_reference_of_what_may_be_deleted() {
+        let (recs, sel) = two_images();
+        let mut inv = Inventory::build(&recs, &sel, &[]);
+        let nginx_refs: BTreeSet<String> = inv.images[&digest(0xc1)]
+            .references
+            .iter()
+            .cloned()
+            .collect();
+        // A name as a user types it, and an ID; invalid strings add nothing.
+        for input in ["nginx:latest", &digest(0xc1)] {
+            let request = strings(&[input, "", "UPPER:1"]);
+            assert_eq!(
+                records_to_verify(&request, &inv),
+                Some(nginx_refs.clone()),
+                "{input}"
+            );
+        }
+        // Absent or ambiguous: only IDs read from content can say so.
+        for unsure in ["absent:1", "0000"] {
+            assert_eq!(
+                records_to_verify(&strings(&["nginx", unsure]), &inv),
+                None,
+                "{unsure}"
+            );
+        }
+        // A pending record brings its whole image; one that is no image comes alone.
+        inv.pending = ["docker.io/library/redis:7".into(), "gone:1".into()].into();
+        let expected: BTreeSet<String> =
+            ["docker.io/library/redis:7".to_string(), "gone:1".into()].into();
+        assert_eq!(records_to_verify(&[], &inv), Some(expected));
+    }
+
+    /// The content listing of `sel`'s blobs as containerd labels them for garbage collection.
+    fn listing(sel: &Selection) -> BTreeMap<String, BlobInfo> {
+        let mut blobs = BTreeMap::new();
+        let mut labels: BTreeMap<String, String> =
+            [(GC_CONFIG_LABEL.to_string(), sel.config.digest.clone())].into();
+        for (i, l) in sel.layers.iter().enumerate() {
+            labels.insert(format!("{GC_LAYER_PREFIX}{i}"), l.digest.clone());
+            blobs.insert(
+                l.digest.clone(),
+                BlobInfo {
+                    size: l.size,
+                    labels: BTreeMap::new(),
+                },
+            );
+        }
+        blobs.insert(
+            sel.manifest.digest.clone(),
+            BlobInfo {
+                size: sel.manifest.size,
+                labels,
+            },
+        );
+        blobs.insert(
+            sel.config.digest.clone(),
+            BlobInfo {
+                size: sel.config.size,
+                labels: BTreeMap::new(),
+            },
+        );
+        for index in &sel.indexes {
+            let labels = [(
+                format!("{GC_MANIFEST_PREFIX}0"),
+                sel.manifest.digest.clone(),
+            )]
+            .into();
+            blobs.insert(
+                index.digest.clone(),
+                BlobInfo {
+                    size: index.size,
+                    labels,
+                },
+            );
+        }
+        blobs
+    }
+
+    #[test]
+    fn selections_from_labels_match_what_reading_gives() {
+        let n = nginx();
+        let id = digest(0xc1);
+        let got = selection_from_labels(&n.manifest, &id, &listing(&n)).unwrap();
+        assert_eq!(got.id(), id);
+        assert_eq!(got.size(), n.size());
+        assert_eq!(
+            selection_digests(&got).collect::<Vec<_>>(),
+            selection_digests(&n).collect::<Vec<_>>()
+        );
+
+        let mut via_index = nginx();
+        via_index.indexes = vec![desc(MEDIA_TYPE_OCI_INDEX, 0x1d, 300)];
+        let mut blobs = listing(&via_index);
+        // Another platform's manifest in the same index, with another config.
+        let arm = selection(0x21, 0xc9, &[0x9a]);
+        blobs.extend(listing(&arm));
+        blobs.get_mut(&digest(0x1d)).unwrap().labels.insert(
+            format!("{GC_MANIFEST_PREFIX}1"),
+            arm.manifest.digest.clone(),
+        );
+        let got = selection_from_labels(&via_index.indexes[0], &id, &blobs).unwrap();
+        assert_eq!(got.size(), via_index.size());
+        assert_eq!(got.manifest.digest, n.manifest.digest);
+        assert_eq!(got.indexes, via_index.indexes);
+    }
+
+    #[test]
+    fn labels_that_do_not_say_it_for_certain_ask_for_a_read() {
+        let n = nginx();
+        let id = digest(0xc1);
+        // Another ID than the manifest's config.
+        assert_eq!(
+            selection_from_labels(&n.manifest, &digest(0xc2), &listing(&n)),
+            None
+        );
+        // A layer or the config missing from the store.
+        for gone in [digest(0x1a), id.clone(), n.manifest.digest.clone()] {
+            let mut blobs = listing(&n);
+            blobs.remove(&gone);
+            assert_eq!(
+                selection_from_labels(&n.manifest, &id, &blobs),
+                None,
+                "{gone}"
+            );
+        }
+        // Layers not labelled (discarded after unpacking).
+        let mut blobs = listing(&n);
+        blobs
+            .get_mut(&n.manifest.digest)
+            .unwrap()
+            .labels
+            .retain(|k, _| !k.starts_with(GC_LAYER_PREFIX));
+        assert_eq!(selection_from_labels(&n.manifest, &id, &blobs), None);
+        // Not a manifest or an index.
+        let other = desc(
+            "application/vnd.docker.distribution.manifest.v1+json",
+            0x11,
+            500,
+        );
+        assert_eq!(selection_from_labels(&other, &id, &listing(&n)), None);
+        // An index with two manifests of that config.
+        let mut via_index = nginx();
+        via_index.indexes = vec![desc(MEDIA_TYPE_OCI_INDEX, 0x1d, 300)];
+        let mut blobs = listing(&via_index);
+        let twin = selection(0x22, 0xc1, &[0x9b]);
+        blobs.extend(listing(&twin));
+        blobs.get_mut(&digest(0x1d)).unwrap().labels.insert(
+            format!("{GC_MANIFEST_PREFIX}1"),
+            twin.manifest.digest.clone(),
+        );
+        assert_eq!(
+            selection_from_labels(&via_index.indexes[0], &id, &blobs),
+            None
         );
     }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use tonic::Status;
 
-use crate::containerd::{self, Executed};
+use crate::containerd::{self, Executed, ReadStats};
 use crate::core::inventory::{ImageRecord, Inventory};
 use crate::core::plan::Plan;
 use crate::core::platform::Matcher;
@@ -302,6 +302,36 @@ impl Runtime {
         match self {
             Runtime::Containerd(rt) => rt.inventory_and_records(matcher).await,
             Runtime::Cri(rt) => rt.inventory_and_records().await,
+        }
+    }
+
+    /// [`Runtime::inventory_and_records`] with as few content reads as the listings allow (for
+    /// showing the node's images; see [`containerd::Runtime::inventory_listed`]). The CRI
+    /// backend's inventory is one listing already: its stats are empty.
+    pub async fn inventory_listed(
+        &self,
+        matcher: &Matcher,
+    ) -> Result<(Inventory, Vec<ImageRecord>, ReadStats), RuntimeError> {
+        match self {
+            Runtime::Containerd(rt) => rt.inventory_listed(matcher).await,
+            Runtime::Cri(rt) => {
+                let (inventory, records) = rt.inventory_and_records().await?;
+                Ok((inventory, records, ReadStats::default()))
+            }
+        }
+    }
+
+    /// The inventory a removal of `request` needs, reading content only for what it may delete
+    /// (see [`containerd::Runtime::inventory_for`]). The CRI backend's inventory is one listing
+    /// already: its stats are empty.
+    pub async fn inventory_for(
+        &self,
+        request: &[String],
+        matcher: &Matcher,
+    ) -> Result<(Inventory, ReadStats), RuntimeError> {
+        match self {
+            Runtime::Containerd(rt) => rt.inventory_for(request, matcher).await,
+            Runtime::Cri(rt) => Ok((rt.inventory_and_records().await?.0, ReadStats::default())),
         }
     }
 

@@ -296,7 +296,8 @@ fn plan_of(images: &[String], force: bool, inv: &Inventory) -> Plan {
     )
 }
 
-/// Removes `images` from `socket` through the library with `backend`, as `imagegc rmi` does.
+/// Removes `images` from `socket` through the library with `backend`, as `imagegc rmi` does
+/// (reading content only for what the request may delete).
 pub async fn remove(
     socket: &Path,
     images: &[String],
@@ -312,7 +313,7 @@ pub async fn remove(
         rt.backend()
     );
     let matcher = Matcher::only(Platform::host());
-    let inv = rt.inventory(&matcher).await?;
+    let (inv, _) = rt.inventory_for(images, &matcher).await?;
     let plan = plan_of(images, force, &inv);
     let kinds = plan.items.iter().map(|i| i.outcome.kind()).collect();
     rt.execute(plan).await?;
@@ -479,6 +480,20 @@ async fn warm_inventory_equals_a_fresh_one(flavor: Flavor) -> Result<()> {
         warm.inventory(&matcher).await? == fresh().await?,
         "warm differs from fresh"
     );
+    let listed = || async {
+        let rt = Runtime::connect(socket, NS).await?;
+        anyhow::Ok(rt.inventory_listed(&matcher).await?)
+    };
+    let (l, _, stats) = listed().await?;
+    ensure!(
+        l == fresh().await?,
+        "from listings differs from fresh\n listed: {l:#?}"
+    );
+    ensure!(
+        stats.targets_read == 0,
+        "every image has its ID record and labels, yet {} target(s) were read",
+        stats.targets_read
+    );
 
     image::delete_content(socket, NS, &a.id()).await?;
     let (w, f) = (warm.inventory(&matcher).await?, fresh().await?);
@@ -499,7 +514,95 @@ async fn warm_inventory_equals_a_fresh_one(flavor: Flavor) -> Result<()> {
         "{w:#?}"
     );
     ensure!(w.images.len() == first.images.len() - 1, "{w:#?}");
+    let (l, _, _) = listed().await?;
+    ensure!(
+        l == f,
+        "after the config went, from listings differs from fresh\n listed: {l:#?}"
+    );
     Ok(())
+}
+
+/// A `sha256:<id>` record that claims an ID its target's content does not give (made by hand:
+/// the CRI plugin names its records after the config it read) is caught before anything is
+/// deleted: the removal reads every image and ends as CRI's does, whether the image is named
+/// by a tag or by the ID the false record hides.
+async fn a_false_id_record_is_caught(flavor: Flavor) -> Result<()> {
+    let bed = nodes(flavor, 2).await?;
+    let (ours, oracle) = (&bed.nodes[0].socket, &bed.nodes[1].socket);
+    let a = ImageBuilder::new("false-a").build();
+    let b = ImageBuilder::new("false-b").build();
+    let keep = ImageBuilder::new("keep").build();
+    let (false_a, false_b) = (
+        format!("sha256:{}", "e".repeat(64)),
+        format!("sha256:{}", "d".repeat(64)),
+    );
+    let names = [
+        "docker.io/library/a:1",
+        "docker.io/library/b:1",
+        "docker.io/library/keep:1",
+    ];
+    let managed = [("io.cri-containerd.image", "managed")];
+    for socket in [ours, oracle] {
+        import(socket, &a, &names[..1]).await?;
+        import(socket, &b, &names[1..2]).await?;
+        import(socket, &keep, &names[2..]).await?;
+        testbed::cri::wait_synced(socket, &[a.id(), b.id(), keep.id()], &names).await?;
+        // The only ID record of a (and of b) claims a false ID.
+        import_labelled(socket, &a, &[&false_a], &managed).await?;
+        import_labelled(socket, &b, &[&false_b], &managed).await?;
+        leave_only_false_claims(socket, &[a.id(), b.id()]).await?;
+    }
+    let before = state(ours, &[NS]).await?;
+    ensure!(
+        before == state(oracle, &[NS]).await?,
+        "the two nodes differ before removal"
+    );
+
+    let rt = Runtime::connect(ours, NS).await?;
+    let matcher = Matcher::only(Platform::host());
+    let (_, stats) = rt
+        .inventory_for(&support::strings(&names[..1]), &matcher)
+        .await?;
+    ensure!(stats.read_all, "the false claim was not caught: {stats:?}");
+    for request in [names[0].to_string(), b.id()] {
+        let kinds = remove(
+            ours,
+            std::slice::from_ref(&request),
+            false,
+            Backend::Containerd,
+        )
+        .await?;
+        ensure!(kinds == ["Removed"], "{request}: {kinds:?}");
+        let _ = testbed::cri::remove(oracle, &request).await?;
+        let (o, c) = (state(ours, &[NS]).await?, state(oracle, &[NS]).await?);
+        ensure!(
+            o == c,
+            "{request}: imagegc and CRI differ\n imagegc: {o:#?}\n     CRI: {c:#?}"
+        );
+    }
+    let after = state(ours, &[NS]).await?;
+    ensure!(
+        after.records[NS].len() == 2,
+        "keep:1 and its ID should remain: {after:#?}"
+    );
+    Ok(())
+}
+
+/// Deletes the true ID records `ids` once the CRI plugin has handled the false ones (it
+/// re-creates an ID record for a name it has not handled yet, so delete until none comes back).
+async fn leave_only_false_claims(socket: &Path, ids: &[String]) -> Result<()> {
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let names = image::image_names(socket, NS).await?;
+        let back: Vec<&String> = ids.iter().filter(|id| names.contains(*id)).collect();
+        if back.is_empty() {
+            return Ok(());
+        }
+        for id in back {
+            image::delete_image(socket, NS, id, false).await?;
+        }
+    }
+    anyhow::bail!("the CRI plugin keeps re-creating {ids:?}")
 }
 
 async fn bad_input_changes_nothing(flavor: Flavor) -> Result<()> {
@@ -672,6 +775,10 @@ pub fn trials() -> Vec<Trial> {
         out.push(trial(
             format!("removal::{f}::warm_inventory_equals_a_fresh_one"),
             move || warm_inventory_equals_a_fresh_one(flavor),
+        ));
+        out.push(trial(
+            format!("removal::{f}::a_false_id_record_is_caught"),
+            move || a_false_id_record_is_caught(flavor),
         ));
         out.push(trial(
             format!("removal::{f}::interrupted_removal_is_finished"),
