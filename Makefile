@@ -90,8 +90,9 @@ bench-soak: deps ## Memory over 10,000 ImageRemovals created, run and deleted (a
 	$(CARGO) build --release --bin imagegc
 	IMAGEGC_BIN=$(CARGO_TARGET_DIR)/release/imagegc $(CARGO) test --test e2e -- --ignored --nocapture bench::soak
 
-bench-remove: deps ## Time removing K images: imagegc vs Eraser's CRI RemoveImage loop and the floor (10- and 100-image nodes).
-	$(CARGO) bench --bench remove
+bench-remove: deps ## Time removing K images: imagegc (agent, rmi) vs crictl rmi, Eraser's CRI loop and the floor.
+	$(CARGO) build --release --bin imagegc
+	IMAGEGC_BIN=$(CARGO_TARGET_DIR)/release/imagegc $(CARGO) bench --bench remove
 
 bench-scale: deps ## N simulated nodes on the real API server, imagegc vs the naive per-node status (IMAGEGC_SCALE_NODES=100,1000).
 	$(CARGO) bench --bench scale

@@ -862,6 +862,164 @@ async fn adopt_existing(
     Ok(())
 }
 
+/// Unpacks `image`'s layers for this host's platform into `snapshotter` (e.g. `overlayfs`), as
+/// a pull does: one committed snapshot per layer, named by its chain ID, and the config
+/// labelled `containerd.io/gc.ref.snapshot.<snapshotter>` with the top one, so that garbage
+/// collection keeps the snapshots while the image is referenced and removes them with it.
+/// Layers another image already unpacked are reused. Import the image first.
+pub async fn unpack(
+    socket: &Path,
+    namespace: &str,
+    image: &BuiltImage,
+    snapshotter: &str,
+) -> Result<()> {
+    let channel = connect(socket).await?;
+    let lease = create_lease(&channel, namespace).await?;
+    let result = unpack_under_lease(&channel, namespace, &lease, image, snapshotter).await;
+    let deleted = delete_lease(&channel, namespace, &lease, false).await;
+    result.and(deleted)
+}
+
+/// Where an unpack writes: the node, the namespace, the lease that protects what it writes.
+struct Unpack<'a> {
+    channel: &'a Channel,
+    namespace: &'a str,
+    lease: &'a str,
+    snapshotter: &'a str,
+}
+
+async fn unpack_under_lease(
+    channel: &Channel,
+    namespace: &str,
+    lease: &str,
+    image: &BuiltImage,
+    snapshotter: &str,
+) -> Result<()> {
+    use containerd_client::services::v1::snapshots::{
+        StatSnapshotRequest, snapshots_client::SnapshotsClient,
+    };
+    let to = Unpack {
+        channel,
+        namespace,
+        lease,
+        snapshotter,
+    };
+    let platform = host_platform();
+    let layers = image
+        .layer_digests
+        .get(&platform)
+        .with_context(|| format!("the image has no {platform} layers"))?;
+    let mut parent = String::new();
+    for digest in layers {
+        let chain = match parent.is_empty() {
+            true => digest.clone(),
+            false => digest_of(format!("{parent} {digest}").as_bytes()),
+        };
+        let stat = StatSnapshotRequest {
+            snapshotter: snapshotter.to_string(),
+            key: chain.clone(),
+        };
+        match SnapshotsClient::new(channel.clone())
+            .stat(request(stat, namespace, None)?)
+            .await
+        {
+            Ok(_) => {
+                let resource = api::Resource {
+                    id: chain.clone(),
+                    r#type: format!("snapshots/{snapshotter}"),
+                };
+                let add = AddResourceRequest {
+                    id: lease.to_string(),
+                    resource: Some(resource),
+                };
+                LeasesClient::new(channel.clone())
+                    .add_resource(request(add, namespace, None)?)
+                    .await
+                    .context("adding an existing snapshot to the lease")?;
+            }
+            Err(s) if s.code() == Code::NotFound => {
+                let blob = image
+                    .blobs
+                    .iter()
+                    .find(|b| &b.digest == digest)
+                    .context("layer blob")?;
+                apply_layer(&to, blob, &chain, &parent)
+                    .await
+                    .with_context(|| format!("unpacking layer {digest}"))?;
+            }
+            Err(s) => return Err(s).context("snapshot stat"),
+        }
+        parent = chain;
+    }
+    let key = format!("containerd.io/gc.ref.snapshot.{snapshotter}");
+    let info = api::Info {
+        digest: image.id_for(&platform),
+        labels: HashMap::from([(key.clone(), parent)]),
+        ..Default::default()
+    };
+    let update = UpdateRequest {
+        info: Some(info),
+        update_mask: Some(FieldMask {
+            paths: vec![format!("labels.{key}")],
+        }),
+    };
+    ContentClient::new(channel.clone())
+        .update(request(update, namespace, Some(lease))?)
+        .await
+        .context("labelling the config with its snapshot")?;
+    Ok(())
+}
+
+/// Applies `layer` on top of the snapshot `parent` and commits the result as `chain`.
+async fn apply_layer(to: &Unpack<'_>, layer: &Blob, chain: &str, parent: &str) -> Result<()> {
+    use containerd_client::services::v1::ApplyRequest;
+    use containerd_client::services::v1::diff_client::DiffClient;
+    use containerd_client::services::v1::snapshots::{
+        CommitSnapshotRequest, PrepareSnapshotRequest, snapshots_client::SnapshotsClient,
+    };
+    let mut snapshots = SnapshotsClient::new(to.channel.clone());
+    let key = format!("imagegc-testbed-unpack-{chain}");
+    let prepare = PrepareSnapshotRequest {
+        snapshotter: to.snapshotter.to_string(),
+        key: key.clone(),
+        parent: parent.to_string(),
+        labels: HashMap::new(),
+    };
+    let mounts = snapshots
+        .prepare(request(prepare, to.namespace, Some(to.lease))?)
+        .await
+        .context("preparing a snapshot")?
+        .into_inner()
+        .mounts;
+    let d = layer.descriptor();
+    let apply = ApplyRequest {
+        diff: Some(containerd_client::types::Descriptor {
+            media_type: d.media_type,
+            digest: d.digest,
+            size: d.size,
+            annotations: HashMap::new(),
+        }),
+        mounts,
+        payloads: HashMap::new(),
+        sync_fs: false,
+    };
+    DiffClient::new(to.channel.clone())
+        .apply(request(apply, to.namespace, Some(to.lease))?)
+        .await
+        .context("applying the layer")?;
+    let commit = CommitSnapshotRequest {
+        snapshotter: to.snapshotter.to_string(),
+        name: chain.to_string(),
+        key,
+        labels: HashMap::new(),
+    };
+    snapshots
+        .commit(request(commit, to.namespace, Some(to.lease))?)
+        .await
+        .context("committing the snapshot")?;
+    Ok(())
+}
+
 /// Creates a containerd container record `id` (runtime `io.containerd.runc.v2`, empty spec, no
 /// snapshot, no task) referring to `image_name`. With `image_ref` (a config digest), it also gets
 /// the CRI metadata extension and `io.cri-containerd.kind=container` label, which is how CRI
