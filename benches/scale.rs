@@ -75,13 +75,28 @@ const PHASE_TIMEOUT: Duration = Duration::from_secs(600);
 /// write, Events) are counted.
 const SETTLE: Duration = Duration::from_secs(3);
 
-/// Targets of the issue, per node and per removal.
+/// Open files this process (and the API server it starts) asks for: enough for 10,000 nodes.
+const OPEN_FILES: u64 = 65_536;
+
+/// Targets, per node and per removal.
 const TARGET_WRITES_PER_NODE: f64 = 2.0;
 const TARGET_BYTES_PER_NODE: f64 = 2048.0;
 const TARGET_LARGEST_OBJECT: usize = 64 * 1024;
 const TARGET_P99_AT_1000: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
+    // Every simulated agent holds a few connections (its watches and its requests), in this
+    // process and in the API server, which inherits the limit.
+    match testbed::process::raise_open_files(OPEN_FILES) {
+        Ok(limit) if limit < OPEN_FILES => {
+            eprintln!(
+                "bench scale: open files limited to {limit}: about {} nodes fit",
+                limit / 6
+            )
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("bench scale: could not raise the open-file limit: {e}"),
+    }
     let result = testbed::run_bench(run());
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -418,6 +433,7 @@ impl Bench {
 
     async fn measure(&self, n: usize, mode: Mode) -> Result<Run> {
         self.seed(n).await?;
+        let boot = Metrics::scrape(self.bed.cluster()?)?;
         let (trigger, shutdown) = Shutdown::manual();
         let mut agents = JoinSet::new();
         let received: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::default()).collect();
@@ -448,7 +464,7 @@ impl Bench {
             trigger,
             agents: Some(agents),
         };
-        let result = self.measure_with_agents(n, mode, &received).await;
+        let result = self.measure_with_agents(n, mode, &received, &boot).await;
         stopped.stop().await?;
         let run = result?;
         self.assert_removed(n).await?;
@@ -580,6 +596,7 @@ impl Bench {
         n: usize,
         mode: Mode,
         received: &[Arc<AtomicU64>],
+        boot: &Metrics,
     ) -> Result<Run> {
         let started = Instant::now();
         if mode == Mode::Imagegc {
@@ -596,6 +613,7 @@ impl Bench {
 
         let cluster = self.bed.cluster()?;
         let before = Metrics::scrape(cluster)?;
+        let cpu_before = self.cpu();
         let name = format!("{}-{n}", mode.label());
         let spec = serde_json::json!({
             "images": [TAG],
@@ -626,11 +644,16 @@ impl Bench {
         let observed = tokio::time::timeout(PHASE_TIMEOUT, observer)
             .await
             .with_context(|| format!("{name} did not complete in {PHASE_TIMEOUT:?}"))???;
+        let cpu = Cpu::between(&cpu_before, &self.cpu(), created.elapsed());
         tokio::time::sleep(SETTLE).await;
         let after = Metrics::scrape(cluster)?;
         let delta = after.minus(&before);
 
         let largest = self.largest_object(mode, &name).await?;
+        let pods = match mode {
+            Mode::Imagegc => Some(self.pod_watch_cost(n, before.minus(boot), &before).await?),
+            Mode::Naive => None,
+        };
         let bench_events = seen.load(Ordering::Relaxed);
         let mut per_node = observed.per_node.clone();
         per_node.sort();
@@ -647,6 +670,81 @@ impl Bench {
             agent_events,
             largest,
             controller_rss_kib: rss_kib(self.controller.pid()).unwrap_or(0),
+            pods,
+            cpu,
+        })
+    }
+
+    /// CPU seconds used so far by each process of the bed, the agents' (this process) included.
+    fn cpu(&self) -> Vec<(&'static str, f64)> {
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        if let Ok(cluster) = self.bed.cluster() {
+            for (name, proc) in cluster.processes() {
+                out.push((name, proc.cpu_seconds().unwrap_or(0.0)));
+            }
+        }
+        let containerd = self
+            .bed
+            .nodes
+            .iter()
+            .filter_map(|d| testbed::process::cpu_seconds(d.pid()?))
+            .sum();
+        out.push(("containerd (4 daemons)", containerd));
+        out.push(("controller", self.controller.cpu_seconds().unwrap_or(0.0)));
+        out.push((
+            "agents (this process)",
+            testbed::process::cpu_seconds(std::process::id()).unwrap_or(0.0),
+        ));
+        out
+    }
+
+    /// What the agents' watch of their node's pods costs the API server: the requests it made
+    /// while the agents started (`start`, ending at `running`), then one pod created on every
+    /// node and deleted again, with the watch events, writes and API-server CPU that caused.
+    async fn pod_watch_cost(
+        &self,
+        n: usize,
+        start: Metrics,
+        running: &Metrics,
+    ) -> Result<PodWatchCost> {
+        let cluster = self.bed.cluster()?;
+        let pods = Api::<Pod>::namespaced(self.admin.clone(), CHURN_NS);
+        let before = Metrics::scrape(cluster)?;
+        let started = Instant::now();
+        let mut creates = futures::stream::iter(self.nodes[..n].iter().map(|node| {
+            let pod: Result<Pod, _> = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("churn-{}", node.name),
+                             "labels": {CHURN_LABEL: "true"}},
+                "spec": {"nodeName": node.name, "serviceAccountName": AGENT_SA,
+                         "automountServiceAccountToken": false,
+                         "containers": [{"name": "app", "image": "docker.io/library/churn:1"}]}
+            }));
+            let pods = pods.clone();
+            async move { anyhow::Ok(pods.create(&PostParams::default(), &pod?).await?) }
+        }))
+        .buffer_unordered(16);
+        while let Some(created) = creates.next().await {
+            created?;
+        }
+        let churn = ListParams::default().labels(&format!("{CHURN_LABEL}=true"));
+        pods.delete_collection(&DeleteParams::default().grace_period(0), &churn)
+            .await?;
+        wait_until("the churn pods are deleted", || async {
+            let left = pods.list_metadata(&churn).await?;
+            Ok(left.items.is_empty().then_some(()))
+        })
+        .await?;
+        let churn_secs = started.elapsed().as_secs_f64();
+        tokio::time::sleep(SETTLE).await;
+        let after = Metrics::scrape(cluster)?;
+        Ok(PodWatchCost {
+            n,
+            start,
+            open_watches: running.sum("apiserver_longrunning_requests", |l| {
+                on_pods(l) && l.get("verb").is_some_and(|v| v == "WATCH")
+            }),
+            churn: after.minus(&before),
+            churn_secs,
         })
     }
 
@@ -1117,6 +1215,128 @@ struct Run {
     agent_events: Vec<u64>,
     largest: (String, usize),
     controller_rss_kib: u64,
+    /// imagegc mode: what the agents' pod watch cost.
+    pods: Option<PodWatchCost>,
+    /// CPU each process used from the removal's creation to its completion.
+    cpu: Cpu,
+}
+
+/// CPU seconds per process over one phase, and the phase's wall time.
+struct Cpu {
+    used: Vec<(&'static str, f64)>,
+    wall: Duration,
+}
+
+impl Cpu {
+    fn between(
+        before: &[(&'static str, f64)],
+        after: &[(&'static str, f64)],
+        wall: Duration,
+    ) -> Cpu {
+        let used = after
+            .iter()
+            .map(|(name, a)| {
+                let b = before
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0.0, |(_, b)| *b);
+                (*name, a - b)
+            })
+            .collect();
+        Cpu { used, wall }
+    }
+
+    fn total(&self) -> f64 {
+        self.used.iter().map(|(_, s)| s).sum()
+    }
+
+    fn print(&self) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let parts: Vec<String> = self
+            .used
+            .iter()
+            .map(|(name, s)| format!("{name} {s:.1}"))
+            .collect();
+        println!(
+            "  CPU seconds from creation to Complete: {}; total {:.1} in {:.1} s on {cores} cores ({:.0} % of the machine)",
+            parts.join(", "),
+            self.total(),
+            self.wall.as_secs_f64(),
+            100.0 * self.total() / (self.wall.as_secs_f64() * cores as f64)
+        );
+    }
+}
+
+/// Namespace and label of the pods the pod-watch measurement creates and deletes (beside the
+/// agents' own pods, with their ServiceAccount: the test bed runs no ServiceAccount controller).
+const CHURN_NS: &str = SYSTEM_NS;
+const CHURN_LABEL: &str = "bench.imagegc.dev/churn";
+
+fn on_pods(labels: &BTreeMap<String, String>) -> bool {
+    labels.get("resource").is_some_and(|r| r == "pods")
+        && labels.get("subresource").is_none_or(|s| s.is_empty())
+}
+
+/// The API cost of N agents each watching the pods bound to its node.
+struct PodWatchCost {
+    n: usize,
+    /// The API server's counters over the agents' start.
+    start: Metrics,
+    /// Pod watches open once the agents run.
+    open_watches: f64,
+    /// The API server's counters over one pod created and deleted on every node.
+    churn: Metrics,
+    churn_secs: f64,
+}
+
+impl PodWatchCost {
+    fn pod_requests(m: &Metrics, verb: &str) -> f64 {
+        m.sum("apiserver_request_total", |l| {
+            on_pods(l) && l.get("verb").is_some_and(|v| v == verb)
+        })
+    }
+
+    fn pod_events(m: &Metrics) -> (f64, f64) {
+        let events = |name: &str| {
+            m.sum(name, |l| {
+                l.get("resource")
+                    .or(l.get("kind"))
+                    .is_some_and(|r| r == "pods" || r == "Pod")
+            })
+        };
+        (
+            events("apiserver_watch_events_total"),
+            events("apiserver_watch_events_sizes_sum"),
+        )
+    }
+
+    fn print(&self) {
+        let n = self.n as f64;
+        println!("  the agents' pod watch (field selector spec.nodeName):");
+        println!(
+            "    at start: {:.0} LIST of pods ({:.2} per agent), {:.0} pod watches open",
+            Self::pod_requests(&self.start, "LIST"),
+            Self::pod_requests(&self.start, "LIST") / n,
+            self.open_watches
+        );
+        let (events, bytes) = Self::pod_events(&self.churn);
+        let cpu = self.churn.sum("process_cpu_seconds_total", |_| true);
+        let writes = self.churn.sum("apiserver_request_total", is_write);
+        let by_agents = self.churn.sum("apiserver_request_total", |l| {
+            is_write(l) && l.get("group").is_some_and(|g| g == "imagegc.dev")
+        });
+        println!(
+            "    one pod created and deleted on each of {} nodes in {:.1} s: {:.0} pod watch events sent to all pod watchers ({:.1} per pod, {:.1} KiB), {:.0} writes ({:.0} by agents), API server CPU {:.1} s",
+            self.n,
+            self.churn_secs,
+            events,
+            events / n,
+            bytes / 1024.0,
+            writes,
+            by_agents,
+            cpu
+        );
+    }
 }
 
 impl Run {
@@ -1244,6 +1464,10 @@ impl Run {
             "  controller resident memory: {:.1} MiB",
             self.controller_rss_kib as f64 / 1024.0
         );
+        self.cpu.print();
+        if let Some(pods) = &self.pods {
+            pods.print();
+        }
     }
 }
 

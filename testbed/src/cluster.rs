@@ -223,6 +223,18 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
 }
 
 impl Cluster {
+    /// The running processes by name (`kube-apiserver`, `etcd`), for measuring them.
+    pub fn processes(&self) -> Vec<(&'static str, &Proc)> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.apiserver {
+            out.push(("kube-apiserver", p));
+        }
+        if let Some(p) = &self.etcd {
+            out.push(("etcd", p));
+        }
+        out
+    }
+
     /// Starts etcd and kube-apiserver on loopback under `bed_dir/cluster` and waits for
     /// `/readyz`.
     pub async fn start(bed_dir: &Path) -> Result<Cluster> {

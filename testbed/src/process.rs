@@ -368,6 +368,11 @@ impl Proc {
         })
     }
 
+    /// CPU time (user and system) the process has used so far, in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds(self.child.id())
+    }
+
     /// The process ID.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -497,4 +502,33 @@ impl Drop for BedDir {
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// CPU time (user and system, its threads included) process `pid` has used so far, in
+/// seconds, from `/proc/<pid>/stat`; `None` if the process is gone.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) start after the last ')';
+    // utime and stime are fields 14 and 15 of stat, so the 12th and 13th after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(ticks as f64 / per_second as f64)
+}
+
+/// Raises this process's open-file limit (soft and hard) to at least `want`, as far as it is
+/// allowed to (root may raise the hard limit up to the kernel's `nr_open`); returns the soft
+/// limit in force afterwards. Children started later inherit it.
+pub fn raise_open_files(want: u64) -> Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= want {
+        return Ok(soft);
+    }
+    if hard < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return Ok(want);
+    }
+    let soft = want.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard)?;
+    Ok(soft)
 }
