@@ -457,7 +457,8 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
         reflector::reflector(
             removals_writer,
             crate::watch::tolerant::<ImageRemoval>(client.clone(), watcher::Config::default())
-                .default_backoff(),
+                .default_backoff()
+                .modify(drop_managed_fields),
         ),
         synced.clone(),
         Synced::REMOVALS,
@@ -470,7 +471,8 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
                 Api::<PartialObjectMeta<Node>>::all(client.clone()),
                 watcher::Config::default(),
             )
-            .default_backoff(),
+            .default_backoff()
+            .modify(drop_managed_fields),
         )),
         synced.clone(),
         Synced::NODES,
@@ -480,7 +482,8 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
         reflector::reflector(
             reports_writer,
             crate::watch::tolerant::<NodeImageReport>(client.clone(), watcher::Config::default())
-                .default_backoff(),
+                .default_backoff()
+                .modify(drop_managed_fields),
         ),
         synced.clone(),
         Synced::REPORTS,
@@ -494,7 +497,8 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
         reflector::reflector(
             policies_writer,
             crate::watch::tolerant::<ImagePrunePolicy>(client.clone(), watcher::Config::default())
-                .default_backoff(),
+                .default_backoff()
+                .modify(drop_managed_fields),
         ),
         synced.clone(),
         Synced::POLICIES,
@@ -600,6 +604,12 @@ fn changes<K>(
             Err(e) => Some(Err(e)),
         })
     })
+}
+
+/// Clears an object's managedFields before the reflector stores it: nothing here reads them, and
+/// they are a large share of every cached report and removal (memory grows with the node count).
+fn drop_managed_fields<K: Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
 }
 
 /// Drops Node updates that leave the labels as they were: a Node's status changes every few
