@@ -82,17 +82,22 @@ demo: deps image ## Run imagegc end to end on a local test bed (3 simulated node
 bench: ## Every benchmark, each run even if another misses its target (figures: BENCHMARKS.md).
 	status=0; for b in bench-remove bench-operator bench-soak bench-scale; do $(MAKE) --no-print-directory $$b || status=1; done; exit $$status
 
+# The release binary the benches run, copied aside: `cargo bench` builds the binary again with
+# the bench profile (no LTO) into the same release/ directory, replacing release/imagegc.
+BENCH_BIN := $(CARGO_TARGET_DIR)/bench-bin/imagegc
+RELEASE_BIN = $(CARGO) build --release --bin imagegc && mkdir -p $(dir $(BENCH_BIN)) && cp $(CARGO_TARGET_DIR)/release/imagegc $(BENCH_BIN)
+
 bench-operator: deps ## Operator latency, writes per removal and memory (agent, controller; release build) on the test bed.
-	$(CARGO) build --release --bin imagegc
-	IMAGEGC_BIN=$(CARGO_TARGET_DIR)/release/imagegc $(CARGO) test --test e2e -- --ignored --nocapture bench::operator
+	$(RELEASE_BIN)
+	IMAGEGC_BIN=$(BENCH_BIN) $(CARGO) test --test e2e -- --ignored --nocapture bench::operator
 
 bench-soak: deps ## Memory over 10,000 ImageRemovals created, run and deleted (agent, controller; release build).
-	$(CARGO) build --release --bin imagegc
-	IMAGEGC_BIN=$(CARGO_TARGET_DIR)/release/imagegc $(CARGO) test --test e2e -- --ignored --nocapture bench::soak
+	$(RELEASE_BIN)
+	IMAGEGC_BIN=$(BENCH_BIN) $(CARGO) test --test e2e -- --ignored --nocapture bench::soak
 
 bench-remove: deps ## Time removing K images: imagegc (agent, rmi) vs crictl rmi, Eraser's CRI loop and the floor.
-	$(CARGO) build --release --bin imagegc
-	IMAGEGC_BIN=$(CARGO_TARGET_DIR)/release/imagegc $(CARGO) bench --bench remove
+	$(RELEASE_BIN)
+	IMAGEGC_BIN=$(BENCH_BIN) $(CARGO) bench --bench remove
 
 bench-scale: deps ## N simulated nodes on the real API server, imagegc vs the naive per-node status (IMAGEGC_SCALE_NODES=100,1000).
 	$(CARGO) bench --bench scale
