@@ -17,6 +17,8 @@
 //! - [`events`], [`serve`], [`watch`]: what the long-running processes share — Events,
 //!   logging, `/metrics`, `/livez`, `/readyz`, shutdown, watches one bad object cannot wedge.
 #![forbid(unsafe_code)]
+// No function over 100 lines (clippy's default): long-running shells are named steps.
+#![warn(clippy::too_many_lines)]
 
 pub mod agent;
 pub mod api;

@@ -1,4 +1,5 @@
 //! The `imagegc` binary: one process, several roles.
+#![warn(clippy::too_many_lines)]
 
 use std::process::ExitCode;
 

@@ -21,6 +21,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// First retry delay after a failure; doubles up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest retry delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Exponential backoff after `attempts` consecutive failures (the first is 1): 1 s, 2 s,
+/// 4 s … capped at 5 minutes. What both processes wait before retrying a failed write or
+/// runtime call.
+pub fn backoff(attempts: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+}
+
 /// Initialises `tracing`: level filter from `IMAGEGC_LOG` (e.g. `info` or
 /// `info,imagegc=debug`; default `info`), written to stderr.
 pub fn init_logging(format: LogFormat) {
@@ -231,6 +245,14 @@ fn route(
 mod tests {
     use super::*;
     use prometheus_client::metrics::counter::Counter;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(30), MAX_BACKOFF);
+    }
 
     #[test]
     fn routes_answer_as_documented() {

@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::api::{InventorySummary, PolicyRun, RemovalPhase, RemovalResult, Trigger};
+use crate::api::{ImageOutcome, InventorySummary, PolicyRun, RemovalPhase, RemovalResult, Trigger};
 use crate::containerd::RuntimeError;
 
 type Labels = Vec<(&'static str, String)>;
@@ -121,9 +121,9 @@ impl Metrics {
             ])
             .inc();
         let (outcome, count) = if run.dry_run {
-            ("WouldRemove", run.chosen)
+            (ImageOutcome::WouldRemove.as_str(), run.chosen)
         } else {
-            ("Removed", run.removed)
+            (ImageOutcome::Removed.as_str(), run.removed)
         };
         let kept = if run.dry_run {
             0
@@ -166,7 +166,7 @@ impl Metrics {
     }
 
     /// Counts one image outcome.
-    pub fn image_outcome(&self, outcome: &str) {
+    pub fn image_outcome(&self, outcome: ImageOutcome) {
         self.images
             .get_or_create(&vec![("outcome", outcome.to_string())])
             .inc();

@@ -10,12 +10,14 @@
 //! so a restarted agent skips what is done and finishes what an interruption left (the
 //! engine's plan resumes records marked pending).
 
+mod connection;
 mod metrics;
 pub mod pods;
 pub mod policies;
+pub mod removals;
 pub mod report;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,30 +36,23 @@ use tokio::sync::Notify;
 
 use crate::api::{
     ImagePrunePolicy, ImageRemoval, InventorySummary, NodeImageReport, NodeImageReportStatus,
-    PolicyRun, RemovalPhase, RemovalResult,
 };
 use crate::containerd;
-use crate::core::inventory::{ImageRecord, Inventory};
-use crate::core::last_used;
-use crate::core::plan::{self, Request};
-use crate::core::platform::{Matcher, Platform};
+use crate::core::inventory::Inventory;
 use crate::core::prune::{Protected, Protections};
 use crate::core::reference;
-use crate::events::{Publisher, Severity};
-use crate::runtime::{Backend, Connector, Runtime, RuntimeError};
-use crate::serve::{self, Health, LogFormat, Shutdown};
+use crate::events::Publisher;
+use crate::runtime::{Backend, Connector, RuntimeError};
+use crate::serve::{self, FIRST_BACKOFF, Health, LogFormat, Shutdown};
+use connection::Connection;
 use metrics::Metrics;
-use report::Key;
+use policies::Policies;
+use removals::Removals;
 
 /// Field manager of everything the agent writes.
 pub const MANAGER: &str = "imagegc-agent";
 /// Reporting controller name on the agent's Events.
 const EVENT_CONTROLLER: &str = "imagegc.dev/agent";
-/// First retry delay after a containerd error; doubles up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// An image in constant use has its last-used label rewritten at most this often (seconds).
-const LAST_USED_REFRESH: i64 = 3600;
 
 /// Flags of `imagegc agent`.
 #[derive(Clone, Debug, clap::Args)]
@@ -211,6 +206,62 @@ pub async fn run_embedded(
     run_node(client, &args, metrics, Health::default(), shutdown).await
 }
 
+/// The watches the agent reads, each a reflector store.
+struct Watches {
+    removals: Store<ImageRemoval>,
+    policies: Store<ImagePrunePolicy>,
+    /// This node's Node object (at most one).
+    nodes: Store<Node>,
+    /// The node's own pods: read when a removal or policy runs, so their changes (frequent:
+    /// every status update) wake nothing.
+    pods: Store<Pod>,
+}
+
+impl Watches {
+    /// Starts every watch; each change pings `changed` (the pods' do not).
+    fn start(client: &Client, node: &str, changed: &Arc<Notify>, shutdown: &Shutdown) -> Watches {
+        let on_node = |field: &str| watcher::Config::default().fields(&format!("{field}={node}"));
+        Watches {
+            policies: watch(
+                crate::watch::tolerant::<ImagePrunePolicy>(
+                    client.clone(),
+                    watcher::Config::default(),
+                ),
+                changed.clone(),
+                shutdown.clone(),
+            ),
+            removals: watch(
+                crate::watch::tolerant::<ImageRemoval>(client.clone(), watcher::Config::default()),
+                changed.clone(),
+                shutdown.clone(),
+            ),
+            nodes: watch(
+                watcher(Api::<Node>::all(client.clone()), on_node("metadata.name")),
+                changed.clone(),
+                shutdown.clone(),
+            ),
+            pods: watch(
+                watcher(Api::<Pod>::all(client.clone()), on_node("spec.nodeName"))
+                    .modify(pods::slim),
+                Arc::new(Notify::new()),
+                shutdown.clone(),
+            ),
+        }
+    }
+
+    /// Resolves once the watches removals need have listed. Not the policies: without their
+    /// CRD (an upgrade that skipped it) removals must still work; policies are evaluated once
+    /// their watch has listed. The pods are: until they are listed, an image a pod is about to
+    /// start would look unused.
+    async fn synced(&self) {
+        let _ = tokio::join!(
+            self.removals.wait_until_ready(),
+            self.nodes.wait_until_ready(),
+            self.pods.wait_until_ready()
+        );
+    }
+}
+
 async fn run_node(
     client: Client,
     args: &AgentArgs,
@@ -222,36 +273,7 @@ async fn run_node(
     let protected = Protected::new(&protections.exclude)
         .map_err(|e| AgentError::Flags(format!("--protect: {e}")))?;
     let changed = Arc::new(Notify::new());
-    let policies = watch(
-        crate::watch::tolerant::<ImagePrunePolicy>(client.clone(), watcher::Config::default()),
-        changed.clone(),
-        shutdown.clone(),
-    );
-    let removals = watch(
-        crate::watch::tolerant::<ImageRemoval>(client.clone(), watcher::Config::default()),
-        changed.clone(),
-        shutdown.clone(),
-    );
-    let nodes = watch(
-        watcher(
-            Api::<Node>::all(client.clone()),
-            watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
-        ),
-        changed.clone(),
-        shutdown.clone(),
-    );
-
-    // The node's own pods: read when a removal or policy runs, so their changes (frequent:
-    // every status update) wake nothing.
-    let pods = watch(
-        watcher(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default().fields(&format!("spec.nodeName={}", args.node_name)),
-        )
-        .modify(pods::slim),
-        Arc::new(Notify::new()),
-        shutdown.clone(),
-    );
+    let watches = Watches::start(&client, &args.node_name, &changed, &shutdown);
 
     let connector = Connector::new(args.socket.clone(), args.runtime, &args.namespace);
     let stamp_due = Arc::new(AtomicBool::new(false));
@@ -266,33 +288,24 @@ async fn run_node(
         reports: Api::all(client.clone()),
         events: Publisher::new(client, EVENT_CONTROLLER, &args.node_name),
         node: args.node_name.clone(),
-        connector,
-        matcher: Matcher::only(Platform::host()),
-        runtime: None,
-        pods: pods.clone(),
-        entries: Vec::new(),
-        done: HashSet::new(),
-        created: false,
-        inventory: None,
-        inventory_due: Instant::now(),
-        inventory_interval: args.inventory_interval_seconds,
-        retries: HashMap::new(),
+        connection: Connection::new(connector, watches.pods.clone(), health),
+        removals: Removals::new(args.allow_force, protected.clone()),
+        policies: Policies::new(
+            protections,
+            protected,
+            i64::from(args.prune_max_jitter_seconds),
+            args.image_fs.clone(),
+            args.watermark_check_seconds,
+        ),
+        inventory: InventoryState {
+            summary: None,
+            due: Instant::now(),
+            interval: args.inventory_interval_seconds,
+            stamp_due,
+        },
+        report_created: false,
         warned_node_missing: false,
-        containerd_ok: true,
-        stamp_due,
-        policy_entries: Vec::new(),
-        planned: HashMap::new(),
-        protections,
-        protected,
-        allow_force: args.allow_force,
-        image_fs: args.image_fs.clone(),
-        image_fs_ok: true,
-        policy_failing: HashMap::new(),
-        max_jitter: i64::from(args.prune_max_jitter_seconds),
-        watermark_check: args.watermark_check_seconds,
-        watermark_due: Instant::now(),
         metrics,
-        health,
     };
     tracing::info!(
         node = %agent.node,
@@ -305,23 +318,13 @@ async fn run_node(
     let mut stop = shutdown.clone();
     tokio::select! {
         _ = stop.wait() => return Ok(()),
-        _ = async {
-            // Not the policies: without their CRD (an upgrade that skipped it) removals must
-            // still work; policies are evaluated once their watch has listed.
-            // The pods too: until they are listed, an image a pod is about to start would
-            // look unused.
-            tokio::join!(
-                removals.wait_until_ready(),
-                nodes.wait_until_ready(),
-                pods.wait_until_ready()
-            )
-        } => {}
+        _ = watches.synced() => {}
     }
     tracing::info!("watches synced");
     agent.load_report().await;
 
     while !shutdown.requested() {
-        let next = agent.reconcile(&removals, &nodes, &policies).await;
+        let next = agent.reconcile(&watches).await;
         let sleep = next.saturating_duration_since(Instant::now());
         tokio::select! {
             _ = stop.wait() => break,
@@ -378,7 +381,7 @@ async fn follow_container_creations(
         }
         tokio::select! {
             _ = shutdown.wait() => return,
-            _ = tokio::time::sleep(backoff(attempt.max(1))) => {}
+            _ = tokio::time::sleep(serve::backoff(attempt.max(1))) => {}
         }
     }
 }
@@ -424,59 +427,37 @@ where
     reader
 }
 
-struct Retry {
-    attempts: u32,
-    next: Instant,
-}
-
-struct Agent {
-    reports: Api<NodeImageReport>,
-    events: Publisher,
-    node: String,
-    connector: Connector,
-    matcher: Matcher,
-    runtime: Option<Runtime>,
-    /// The node's own pods (slimmed): their images count as in use.
-    pods: Store<Pod>,
-    /// The report's removal entries as last written.
-    entries: Vec<RemovalResult>,
-    /// Every execution finished by this process or found in the report at start. Entries can
-    /// leave the report (it is bounded); this set keeps them from running again.
-    done: HashSet<Key>,
-    /// Whether the report object (metadata and spec) has been applied by this process.
-    created: bool,
-    inventory: Option<InventorySummary>,
-    inventory_due: Instant,
-    inventory_interval: Duration,
-    retries: HashMap<String, Retry>,
-    warned_node_missing: bool,
-    /// Whether the last containerd call succeeded (logs only the transitions).
-    containerd_ok: bool,
+/// The inventory the report carries, and when it is read next.
+struct InventoryState {
+    /// As last reported.
+    summary: Option<InventorySummary>,
+    /// When it is read next (an execution makes it due at once).
+    due: Instant,
+    /// How often it is read.
+    interval: Duration,
     /// Set when a container was created: its image's last-used label is due.
     stamp_due: Arc<AtomicBool>,
-    /// The report's policy entries as last written.
-    policy_entries: Vec<PolicyRun>,
-    /// When each scheduled policy (by UID) runs next on this node.
-    planned: HashMap<String, policies::Planned>,
-    /// What no policy may remove.
-    protections: Protections,
-    /// The protection globs, compiled: what no removal may take, forced or not.
-    protected: Protected,
-    /// Whether forced removals are enabled on this node.
-    allow_force: bool,
-    /// A directory on the image filesystem (watermarks).
-    image_fs: std::path::PathBuf,
-    /// Whether the last read of its usage worked (logs only the transitions).
-    image_fs_ok: bool,
-    /// Consecutive failed runs of each policy (by UID) on containerd: the backoff, and one
-    /// Event per streak.
-    policy_failing: HashMap<String, u32>,
-    /// Seconds a scheduled run may be offset on this node.
-    max_jitter: i64,
-    watermark_check: Duration,
-    watermark_due: Instant,
+}
+
+/// The agent: its state split by concern, the report writer, and its outputs.
+struct Agent {
+    node: String,
+    reports: Api<NodeImageReport>,
+    events: Publisher,
+    connection: Connection,
+    removals: Removals,
+    policies: Policies,
+    inventory: InventoryState,
+    /// Whether the report object (metadata and spec) has been applied by this process.
+    report_created: bool,
+    warned_node_missing: bool,
     metrics: Metrics,
-    health: Health,
+}
+
+/// This node, as one pass reads it.
+struct NodeView {
+    labels: BTreeMap<String, String>,
+    uid: String,
 }
 
 impl Agent {
@@ -485,17 +466,12 @@ impl Agent {
         match self.reports.get_opt(&self.node).await {
             Ok(Some(report)) => {
                 if let Some(status) = report.status {
-                    self.entries = status.removals;
-                    self.inventory = status.inventory;
-                    self.policy_entries = status.policies;
+                    self.removals.load(status.removals);
+                    self.inventory.summary = status.inventory;
+                    self.policies.entries = status.policies;
                 }
-                self.done.extend(self.entries.iter().map(|r| Key {
-                    name: r.name.clone(),
-                    uid: r.uid.clone(),
-                    generation: r.generation,
-                }));
                 tracing::info!(
-                    entries = self.entries.len(),
+                    entries = self.removals.entries.len(),
                     "read this node's existing NodeImageReport"
                 );
             }
@@ -504,350 +480,91 @@ impl Agent {
         }
     }
 
-    /// One pass: execute what targets this node and is not done, drop entries of deleted
-    /// removals, refresh the inventory when due. Returns when the next pass is due at the
-    /// latest.
-    async fn reconcile(
-        &mut self,
-        removals: &Store<ImageRemoval>,
-        nodes: &Store<Node>,
-        policies: &Store<ImagePrunePolicy>,
-    ) -> Instant {
-        let mut next = Instant::now() + self.inventory_interval;
+    /// One pass: execute the removals that are due, run the policies that are due, label
+    /// images after container creations, refresh the inventory when due, and write the report
+    /// if any of it changed. Returns when the next pass is due at the latest.
+    async fn reconcile(&mut self, watches: &Watches) -> Instant {
+        let mut next = Instant::now() + self.inventory.interval;
+        let Some(node) = self.node(&watches.nodes) else {
+            return next;
+        };
+        let mut changed = self
+            .run_removals(&watches.removals, &node.labels, &mut next)
+            .await;
+        changed |= self
+            .evaluate_policies(&watches.policies, &node.labels, &mut next)
+            .await;
+        self.stamp_after_container_creations().await;
+        changed |= self.refresh_inventory(&mut next).await;
+        if (changed || !self.report_created)
+            && let Err(e) = self.write_report(&node.uid).await
+        {
+            tracing::warn!(error = %e, "writing the NodeImageReport failed; will retry");
+            self.report_created = false;
+            next = next.min(Instant::now() + FIRST_BACKOFF * 2);
+        }
+        next
+    }
+
+    /// This node's labels and UID; without its Node object the agent is not ready and waits.
+    fn node(&mut self, nodes: &Store<Node>) -> Option<NodeView> {
         let Some(node) = nodes.state().into_iter().next() else {
             if !self.warned_node_missing {
                 tracing::warn!(node = %self.node, "Node object not found; waiting for it");
                 self.warned_node_missing = true;
             }
-            self.health.set_ready(false);
-            return next;
+            self.connection.health().set_ready(false);
+            return None;
         };
         self.warned_node_missing = false;
-        let labels: BTreeMap<String, String> = node.labels().clone();
-        let node_uid = node.uid().unwrap_or_default();
-        let node_excluded = report::node_excluded(&labels);
+        Some(NodeView {
+            labels: node.labels().clone(),
+            uid: node.uid().unwrap_or_default(),
+        })
+    }
 
-        let mut all = removals.state();
-        all.sort_by(|a, b| {
-            (a.creation_timestamp(), a.name_any()).cmp(&(b.creation_timestamp(), b.name_any()))
-        });
-        let live: BTreeSet<(String, String)> = all
-            .iter()
-            .map(|r| (r.name_any(), r.uid().unwrap_or_default()))
-            .collect();
-
-        let mut pending = Vec::new();
-        for removal in &all {
-            if removal.meta().deletion_timestamp.is_some() {
-                continue;
-            }
-            match report::targets(removal.spec.node_selector.as_ref(), &labels) {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::debug!(removal = %removal.name_any(), error = %e, "selector cannot be evaluated; the controller reports it");
-                    continue;
-                }
-            }
-            let key = key_of(removal);
-            if self.done.contains(&key) || report::is_done(&self.entries, &key) {
-                continue;
-            }
-            if let Some(retry) = self.retries.get(&key.uid)
-                && retry.next > Instant::now()
-            {
-                next = next.min(retry.next);
-                continue;
-            }
-            pending.push((key, removal.clone()));
+    /// When a container was created, labels its image used now; the report waits for the next
+    /// inventory (container churn must not turn into API writes).
+    async fn stamp_after_container_creations(&mut self) {
+        if self.inventory.stamp_due.swap(false, Ordering::SeqCst)
+            && Instant::now() < self.inventory.due
+            && let Err(e) = self.connection.read_and_stamp().await
+        {
+            tracing::debug!(error = %e, "labelling images after a container creation failed");
         }
+    }
 
+    /// Reads the inventory if it is due. Returns whether it changed; lowers `next` to when it
+    /// is due again.
+    async fn refresh_inventory(&mut self, next: &mut Instant) -> bool {
+        if Instant::now() < self.inventory.due {
+            return false;
+        }
+        self.inventory.due = Instant::now() + self.inventory.interval;
         let mut changed = false;
-        for (key, removal) in pending {
-            match self.execute(&key, &removal, node_excluded).await {
-                Ok(result) => {
-                    self.retries.remove(&key.uid);
-                    self.done.insert(key.clone());
-                    self.record(&result);
-                    if result.phase == RemovalPhase::Failed {
-                        let note = report::failure_summary(&self.node, &result);
-                        self.events
-                            .publish(
-                                removal.as_ref(),
-                                Severity::Warning,
-                                "RemovalFailed",
-                                "RemoveImages",
-                                &note,
-                            )
-                            .await;
-                    }
-                    self.entries = report::merge(&self.entries, Some(result), &live);
+        match self.read_inventory().await {
+            Ok(summary) => {
+                if self.inventory.summary.as_ref() != Some(&summary) {
+                    self.inventory.summary = Some(summary);
                     changed = true;
-                    // An execution changed the node's images: report them with it.
-                    self.inventory_due = Instant::now();
-                }
-                Err(e) => {
-                    let retry = self.retries.entry(key.uid.clone()).or_insert(Retry {
-                        attempts: 0,
-                        next: Instant::now(),
-                    });
-                    retry.attempts += 1;
-                    let delay = backoff(retry.attempts);
-                    retry.next = Instant::now() + delay;
-                    next = next.min(retry.next);
-                    self.metrics.runtime_error(&e);
-                    tracing::warn!(
-                        removal = %key.name,
-                        attempt = retry.attempts,
-                        retry_in_seconds = delay.as_secs(),
-                        error = %e,
-                        "removal failed on containerd; will retry"
-                    );
-                    if retry.attempts == 1 {
-                        self.events
-                            .publish(
-                                removal.as_ref(),
-                                Severity::Warning,
-                                "ContainerdError",
-                                "RemoveImages",
-                                &format!("node {}: {e}; retrying with backoff", self.node),
-                            )
-                            .await;
-                    }
                 }
             }
-        }
-
-        // Entries of deleted (or re-created) removals go, from the report and from memory:
-        // a removal that no longer exists cannot run again, so nothing needs to remember it.
-        self.done
-            .retain(|k| live.contains(&(k.name.clone(), k.uid.clone())));
-        let live_uids: HashSet<&str> = live.iter().map(|(_, uid)| uid.as_str()).collect();
-        self.retries
-            .retain(|uid, _| live_uids.contains(uid.as_str()));
-        let pruned = report::merge(&self.entries, None, &live);
-        if pruned != self.entries {
-            self.entries = pruned;
-            changed = true;
-        }
-
-        if self.evaluate_policies(policies, &labels, &mut next).await {
-            changed = true;
-        }
-
-        if self.stamp_due.swap(false, Ordering::SeqCst) && Instant::now() < self.inventory_due {
-            // A container was created: label its image used now; the report waits for the
-            // next pass (container churn must not turn into API writes).
-            if let Err(e) = self.stamp_only().await {
-                tracing::debug!(error = %e, "labelling images after a container creation failed");
+            Err(e) => {
+                // The connection logged the transition; repeat only at debug level.
+                self.metrics.runtime_error(&e);
+                tracing::debug!(error = %e, "reading the image inventory failed");
+                self.inventory.due = Instant::now() + FIRST_BACKOFF * 2;
             }
         }
-
-        if Instant::now() >= self.inventory_due {
-            self.inventory_due = Instant::now() + self.inventory_interval;
-            match self.read_inventory().await {
-                Ok(summary) => {
-                    if self.inventory.as_ref() != Some(&summary) {
-                        self.inventory = Some(summary);
-                        changed = true;
-                    }
-                }
-                Err(e) => {
-                    // inventory() logged the transition; repeat only at debug level.
-                    self.metrics.runtime_error(&e);
-                    tracing::debug!(error = %e, "reading the image inventory failed");
-                    self.inventory_due = Instant::now() + FIRST_BACKOFF * 2;
-                }
-            }
-            next = next.min(self.inventory_due);
-        }
-
-        if changed || !self.created {
-            match self.write_report(&node_uid).await {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "writing the NodeImageReport failed; will retry");
-                    self.created = false;
-                    next = next.min(Instant::now() + FIRST_BACKOFF * 2);
-                }
-            }
-        }
-        next
-    }
-
-    /// Connects (once) to the runtime, remembering a working connection; the choice of socket
-    /// and backend is logged.
-    async fn runtime(&mut self) -> Result<Runtime, RuntimeError> {
-        if let Some(rt) = &self.runtime {
-            return Ok(rt.clone());
-        }
-        let rt = self.connector.connect(true).await?;
-        self.runtime = Some(rt.clone());
-        Ok(rt)
-    }
-
-    /// Reads the node's images (and the records they were built from), the images of the
-    /// node's pods counting as in use; a failure marks the agent not ready.
-    async fn inventory(&mut self) -> Result<(Inventory, Vec<ImageRecord>), RuntimeError> {
-        let result = async {
-            let rt = self.runtime().await?;
-            let (mut inv, records) = rt.inventory_and_records(&self.matcher).await?;
-            pods::mark_in_use(&mut inv, self.pods.state().iter().map(|p| &**p));
-            Ok((inv, records))
-        }
-        .await;
-        let ok = result.is_ok();
-        self.health.set_ready(ok);
-        if ok != self.containerd_ok {
-            match &result {
-                Ok(_) => tracing::info!("the container runtime answers again"),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "the container runtime does not answer; not ready, retrying until it does"
-                ),
-            }
-            self.containerd_ok = ok;
-        }
-        if !ok {
-            // Reconnect next time: containerd may have restarted.
-            self.runtime = None;
-        }
-        result
+        *next = (*next).min(self.inventory.due);
+        changed
     }
 
     async fn read_inventory(&mut self) -> Result<InventorySummary, RuntimeError> {
-        let (inv, records) = self.inventory().await?;
-        let rt = self.runtime().await?;
-        self.stamp_first_seen_and_last_used(&rt, &inv, &records)
-            .await;
-        let summary = InventorySummary {
-            images: inv.images.len() as i32,
-            bytes: rt.image_bytes().await?,
-            pinned: inv.images.values().filter(|i| i.pinned).count() as i32,
-            in_use: inv
-                .images
-                .values()
-                .filter(|i| !i.used_by.is_empty())
-                .count() as i32,
-        };
+        let reading = self.connection.read_and_stamp().await?;
+        let summary = summary(&reading.inventory, reading.runtime.image_bytes().await?);
         self.metrics.inventory(&summary);
         Ok(summary)
-    }
-
-    /// The labelling of [`Agent::stamp_first_seen_and_last_used`] alone, on a fresh inventory.
-    async fn stamp_only(&mut self) -> Result<(), RuntimeError> {
-        let (inv, records) = self.inventory().await?;
-        let rt = self.runtime().await?;
-        self.stamp_first_seen_and_last_used(&rt, &inv, &records)
-            .await;
-        Ok(())
-    }
-
-    /// Labels the records of new images with when they were first seen, and those of images
-    /// in use with when they were last used (see `core::last_used`).
-    async fn stamp_first_seen_and_last_used(
-        &self,
-        rt: &Runtime,
-        inv: &Inventory,
-        records: &[ImageRecord],
-    ) {
-        let stamps = last_used::stamps(
-            inv,
-            records,
-            Timestamp::now().as_second(),
-            LAST_USED_REFRESH,
-        );
-        if stamps.is_empty() {
-            return;
-        }
-        let by_name: HashMap<&str, _> = records.iter().map(|r| (r.name.as_str(), r)).collect();
-        for stamp in &stamps {
-            let Some(record) = by_name.get(stamp.record.as_str()) else {
-                continue;
-            };
-            if let Err(e) = rt.label_record(record, stamp.key, &stamp.value).await {
-                // Deleted meanwhile (kubelet's GC, a removal): the next pass sees the truth.
-                tracing::debug!(record = %stamp.record, error = %e, "labelling a record failed");
-            }
-        }
-        tracing::debug!(
-            labels = stamps.len(),
-            "first-seen and last-used labels written"
-        );
-    }
-
-    /// Plans and (unless a dry run) executes one removal on this node.
-    async fn execute(
-        &mut self,
-        key: &Key,
-        removal: &ImageRemoval,
-        node_excluded: bool,
-    ) -> Result<RemovalResult, RuntimeError> {
-        let spec = &removal.spec;
-        let allowed = report::Allowed {
-            force: self.allow_force,
-            node_excluded,
-        };
-        if let Some(refusal) = report::refusal(&spec.images, spec.force, allowed) {
-            tracing::warn!(removal = %key.name, outcome = refusal.outcome, reason = %refusal.reason, "removal refused");
-            return Ok(report::refused(
-                key,
-                &spec.images,
-                spec.dry_run,
-                &refusal,
-                now(),
-            ));
-        }
-        let started = Instant::now();
-        let (inv, _) = self.inventory().await?;
-        let plan = plan::plan(
-            &Request {
-                images: spec.images.clone(),
-                force: spec.force,
-                protected: self.protected.clone(),
-            },
-            &inv,
-        );
-        let mut freed = 0;
-        if !spec.dry_run && !report::blocked(&plan) {
-            let rt = self.runtime().await?;
-            let executed = rt.execute(plan.clone()).await;
-            let executed = match executed {
-                Ok(done) => done,
-                Err(e) => {
-                    self.runtime = None;
-                    self.health.set_ready(false);
-                    return Err(e);
-                }
-            };
-            freed = executed.freed_bytes;
-            tracing::info!(
-                removal = %key.name,
-                generation = key.generation,
-                deleted = executed.deleted.len(),
-                already_gone = executed.already_gone.len(),
-                resumed = executed.plan.resumed.len(),
-                freed_bytes = freed,
-                "removal executed"
-            );
-        }
-        let result = report::result(key, &plan, spec.dry_run, freed, now());
-        self.metrics.executed(&result, started.elapsed());
-        tracing::info!(
-            removal = %key.name,
-            generation = key.generation,
-            phase = ?result.phase,
-            dry_run = spec.dry_run,
-            outcomes = ?result.images.iter().map(|i| (i.image.as_str(), i.outcome.as_str())).collect::<Vec<_>>(),
-            "removal finished on this node"
-        );
-        Ok(result)
-    }
-
-    fn record(&self, result: &RemovalResult) {
-        for image in &result.images {
-            self.metrics.image_outcome(&image.outcome);
-        }
     }
 
     /// Applies the report: the object itself once per process (name, owner, spec), then its
@@ -858,34 +575,24 @@ impl Agent {
             node: self.node.clone(),
             source,
         };
-        if !self.created {
-            let object = serde_json::json!({
-                "apiVersion": "imagegc.dev/v1alpha1",
-                "kind": "NodeImageReport",
-                "metadata": {
-                    "name": self.node,
-                    "ownerReferences": [{
-                        "apiVersion": "v1", "kind": "Node", "name": self.node, "uid": node_uid,
-                    }],
-                },
-                "spec": {"nodeName": self.node},
-            });
+        if !self.report_created {
+            let object = report_object(&self.node, node_uid);
             self.reports
                 .patch(&self.node, &params, &Patch::Apply(object))
                 .await
                 .map_err(err)?;
             self.metrics.report_writes.inc();
-            self.created = true;
+            self.report_created = true;
         }
         let status = NodeImageReportStatus {
-            inventory: self.inventory.clone(),
-            removals: self.entries.clone(),
-            policies: self.policy_entries.clone(),
+            inventory: self.inventory.summary.clone(),
+            removals: self.removals.entries.clone(),
+            policies: self.policies.entries.clone(),
             updated: Some(now()),
         };
         let patch = serde_json::json!({
-            "apiVersion": "imagegc.dev/v1alpha1",
-            "kind": "NodeImageReport",
+            "apiVersion": NodeImageReport::api_version(&()),
+            "kind": NodeImageReport::kind(&()),
             "metadata": {"name": self.node},
             "status": status,
         });
@@ -898,23 +605,38 @@ impl Agent {
     }
 }
 
-fn key_of(removal: &ImageRemoval) -> Key {
-    Key {
-        name: removal.name_any(),
-        uid: removal.uid().unwrap_or_default(),
-        generation: removal.meta().generation.unwrap_or(0),
+/// The counts the report carries for `inv`, whose content takes `bytes`.
+fn summary(inv: &Inventory, bytes: i64) -> InventorySummary {
+    InventorySummary {
+        images: inv.images.len() as i32,
+        bytes,
+        pinned: inv.images.values().filter(|i| i.pinned).count() as i32,
+        in_use: inv
+            .images
+            .values()
+            .filter(|i| !i.used_by.is_empty())
+            .count() as i32,
     }
+}
+
+/// The NodeImageReport object of `node` (whose Node has `node_uid`), without its status: named
+/// after the node and owned by it, so it goes when the Node goes.
+fn report_object(node: &str, node_uid: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": NodeImageReport::api_version(&()),
+        "kind": NodeImageReport::kind(&()),
+        "metadata": {
+            "name": node,
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid,
+            }],
+        },
+        "spec": {"nodeName": node},
+    })
 }
 
 fn now() -> Time {
     Time(Timestamp::now())
-}
-
-/// Exponential backoff: 1 s, 2 s, 4 s … capped at 5 minutes.
-fn backoff(attempts: u32) -> Duration {
-    FIRST_BACKOFF
-        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF)
 }
 
 #[cfg(test)]
@@ -922,17 +644,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_and_caps() {
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(2), Duration::from_secs(2));
-        assert_eq!(backoff(5), Duration::from_secs(16));
-        assert_eq!(backoff(30), MAX_BACKOFF);
-    }
-
-    #[test]
     fn seconds_flags_reject_zero_and_garbage() {
         assert_eq!(parse_seconds("5"), Ok(Duration::from_secs(5)));
         assert!(parse_seconds("0").is_err());
         assert!(parse_seconds("5m").is_err());
+    }
+
+    #[test]
+    fn the_report_object_is_owned_by_its_node() {
+        let o = report_object("n1", "uid-1");
+        assert_eq!(o["apiVersion"], "imagegc.dev/v1alpha1");
+        assert_eq!(o["kind"], "NodeImageReport");
+        assert_eq!(o["metadata"]["name"], "n1");
+        assert_eq!(o["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+        assert_eq!(o["metadata"]["ownerReferences"][0]["kind"], "Node");
+        assert_eq!(o["spec"]["nodeName"], "n1");
+    }
+
+    #[test]
+    fn the_summary_counts_pinned_and_used_images() {
+        use crate::core::inventory::CriImage;
+        let mut inv = Inventory::default();
+        for (id, pinned, used) in [("a", true, false), ("b", false, true), ("c", false, false)] {
+            inv.images.insert(
+                id.into(),
+                CriImage {
+                    id: id.into(),
+                    references: Vec::new(),
+                    size: 1,
+                    pinned,
+                    used_by: if used { vec!["ctr".into()] } else { vec![] },
+                    content: Default::default(),
+                },
+            );
+        }
+        let s = summary(&inv, 42);
+        assert_eq!((s.images, s.bytes, s.pinned, s.in_use), (3, 42, 1, 1));
     }
 }

@@ -8,17 +8,39 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::core::{Selector, SelectorExt};
 
 use crate::api::{
-    ImageResult, MAX_IMAGES, MAX_MESSAGE, MAX_REFERENCES, MAX_REMOVALS, RemovalPhase, RemovalResult,
+    ImageOutcome, ImageResult, MAX_IMAGES, MAX_MESSAGE, MAX_REFERENCES, MAX_REMOVALS, RemovalPhase,
+    RemovalResult,
 };
 use crate::core::plan::{Outcome, Plan};
 use crate::events::truncate;
 
-/// Outcome names that count as success (everything else makes a removal `Failed`).
-pub const SUCCESS_OUTCOMES: [&str; 3] = ["Removed", "NotPresent", "WouldRemove"];
+/// How a plan was carried out, which decides what a planned removal is reported as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Run {
+    /// Executed: planned removals were removed.
+    Executed,
+    /// Not executed (a dry run, or a policy's plan it did not execute): they would be.
+    Planned,
+    /// Refused as a whole because an image of it is invalid or ambiguous: they were skipped.
+    Blocked,
+}
 
-/// Outcome of images that were not attempted because another image of the request was
-/// invalid or ambiguous on this node.
-pub const SKIPPED: &str = "Skipped";
+/// What the report says of an image whose plan decided `outcome`, when the plan was `run`.
+pub fn image_outcome(outcome: &Outcome, run: Run) -> ImageOutcome {
+    match outcome {
+        Outcome::Remove { .. } => match run {
+            Run::Executed => ImageOutcome::Removed,
+            Run::Planned => ImageOutcome::WouldRemove,
+            Run::Blocked => ImageOutcome::Skipped,
+        },
+        Outcome::NotPresent => ImageOutcome::NotPresent,
+        Outcome::InUse { .. } => ImageOutcome::InUse,
+        Outcome::Pinned { .. } => ImageOutcome::Pinned,
+        Outcome::Protected { .. } => ImageOutcome::Protected,
+        Outcome::Invalid { .. } => ImageOutcome::Invalid,
+        Outcome::Ambiguous { .. } => ImageOutcome::Ambiguous,
+    }
+}
 
 /// Whether a removal with `selector` targets a node labelled `labels`. An absent or empty
 /// selector selects every node; a selector that cannot be evaluated is an error (the
@@ -66,7 +88,7 @@ pub fn node_excluded(labels: &BTreeMap<String, String>) -> bool {
 pub struct Refusal {
     /// The outcome every image of the removal gets (`Protected`, `ForceNotAllowed`,
     /// `Invalid`).
-    pub outcome: &'static str,
+    pub outcome: ImageOutcome,
     /// Why, in words a user can act on.
     pub reason: String,
 }
@@ -88,18 +110,18 @@ pub fn refusal(images: &[String], force: bool, allowed: Allowed) -> Option<Refus
     let refuse = |outcome, reason: String| Some(Refusal { outcome, reason });
     if allowed.node_excluded {
         return refuse(
-            "Protected",
+            ImageOutcome::Protected,
             format!(
                 "this node opted out of imagegc (label {EXCLUDE_LABEL}=true); nothing is removed here"
             ),
         );
     }
     if images.is_empty() {
-        return refuse("Invalid", "the removal names no images".into());
+        return refuse(ImageOutcome::Invalid, "the removal names no images".into());
     }
     if images.len() > MAX_IMAGES {
         return refuse(
-            "Invalid",
+            ImageOutcome::Invalid,
             format!(
                 "the removal names {} images; at most {MAX_IMAGES} are allowed",
                 images.len()
@@ -108,7 +130,7 @@ pub fn refusal(images: &[String], force: bool, allowed: Allowed) -> Option<Refus
     }
     if force && !allowed.force {
         return refuse(
-            "ForceNotAllowed",
+            ImageOutcome::ForceNotAllowed,
             "force: true is not allowed: forced removals are disabled on this cluster (the \
              chart value agent.allowForce, the agent flag --allow-force); nothing was removed. \
              Remove force to keep in-use images, or ask the cluster's operator to enable it"
@@ -139,9 +161,10 @@ pub fn refused(
             .take(MAX_IMAGES)
             .map(|image| ImageResult {
                 image: truncate(image, MAX_MESSAGE),
-                outcome: refusal.outcome.into(),
+                outcome: refusal.outcome,
+                id: None,
+                references: Vec::new(),
                 message: truncate(&refusal.reason, MAX_MESSAGE),
-                ..Default::default()
             })
             .collect(),
     }
@@ -157,29 +180,26 @@ pub fn blocked(plan: &Plan) -> bool {
 /// `bytes_freed`, or only planned.
 pub fn result(key: &Key, plan: &Plan, dry_run: bool, bytes_freed: i64, now: Time) -> RemovalResult {
     let blocked = blocked(plan);
+    let run = if blocked {
+        Run::Blocked
+    } else if dry_run {
+        Run::Planned
+    } else {
+        Run::Executed
+    };
     let images: Vec<ImageResult> = plan
         .items
         .iter()
         .map(|item| {
-            let (outcome, id, references) = match &item.outcome {
-                Outcome::Remove { id, references, .. } => {
-                    let outcome = if blocked {
-                        SKIPPED
-                    } else if dry_run {
-                        "WouldRemove"
-                    } else {
-                        "Removed"
-                    };
-                    (outcome, Some(id.clone()), references.clone())
-                }
+            let outcome = image_outcome(&item.outcome, run);
+            let (id, references) = match &item.outcome {
+                Outcome::Remove { id, references, .. } => (Some(id.clone()), references.clone()),
                 Outcome::InUse { id, .. }
                 | Outcome::Pinned { id }
-                | Outcome::Protected { id, .. } => {
-                    (item.outcome.kind(), Some(id.clone()), Vec::new())
-                }
-                other => (other.kind(), None, Vec::new()),
+                | Outcome::Protected { id, .. } => (Some(id.clone()), Vec::new()),
+                _ => (None, Vec::new()),
             };
-            let message = if outcome == SKIPPED {
+            let message = if outcome == ImageOutcome::Skipped {
                 "not removed: other images of this removal are invalid or ambiguous on this node; \
                  fix them and update the ImageRemoval"
                     .to_string()
@@ -188,7 +208,7 @@ pub fn result(key: &Key, plan: &Plan, dry_run: bool, bytes_freed: i64, now: Time
             };
             ImageResult {
                 image: truncate(&item.input, MAX_MESSAGE),
-                outcome: outcome.into(),
+                outcome,
                 id,
                 references: references
                     .iter()
@@ -199,9 +219,7 @@ pub fn result(key: &Key, plan: &Plan, dry_run: bool, bytes_freed: i64, now: Time
             }
         })
         .collect();
-    let failed = images
-        .iter()
-        .any(|i| !SUCCESS_OUTCOMES.contains(&i.outcome.as_str()));
+    let failed = images.iter().any(|i| !i.outcome.is_success());
     RemovalResult {
         name: key.name.clone(),
         uid: key.uid.clone(),
@@ -276,7 +294,7 @@ pub fn fit(mut entries: Vec<RemovalResult>, budget: usize) -> Vec<RemovalResult>
     let newest = by_age.pop();
     for &i in &by_age {
         for image in &mut entries[i].images {
-            if SUCCESS_OUTCOMES.contains(&image.outcome.as_str()) {
+            if image.outcome.is_success() {
                 image.references.clear();
                 image.message.clear();
             }
@@ -308,7 +326,7 @@ pub fn failure_summary(node: &str, result: &RemovalResult) -> String {
     let failures: Vec<String> = result
         .images
         .iter()
-        .filter(|i| !SUCCESS_OUTCOMES.contains(&i.outcome.as_str()))
+        .filter(|i| !i.outcome.is_success())
         .map(|i| format!("{} {}: {}", i.image, i.outcome, i.message))
         .collect();
     format!("node {node}: {}", failures.join("; "))
@@ -474,7 +492,7 @@ mod tests {
         ]);
         assert!(blocked(&p));
         let r = result(&key("x", 1), &p, false, 0, at(10));
-        assert_eq!(r.images[0].outcome, SKIPPED);
+        assert_eq!(r.images[0].outcome, ImageOutcome::Skipped);
         assert_eq!(r.images[1].outcome, "Invalid");
         assert_eq!(r.phase, RemovalPhase::Failed);
     }
@@ -547,7 +565,7 @@ mod tests {
         // Worst case the schema allows: 20 removals of 100 images, every string at its cap.
         let image = ImageResult {
             image: "i".repeat(MAX_MESSAGE),
-            outcome: "Removed".into(),
+            outcome: ImageOutcome::Removed,
             id: Some(format!("sha256:{}", "a".repeat(64))),
             references: vec!["r".repeat(MAX_MESSAGE); MAX_REFERENCES],
             message: "m".repeat(MAX_MESSAGE),

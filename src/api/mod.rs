@@ -13,9 +13,9 @@ pub use image_removal::{
     MAX_IMAGES,
 };
 pub use node_image_report::{
-    ImageResult, InventorySummary, MAX_MESSAGE, MAX_POLICIES, MAX_POLICY_IMAGES, MAX_REFERENCES,
-    MAX_REMOVALS, NodeImageReport, NodeImageReportSpec, NodeImageReportStatus, PolicyRun,
-    PrunedImage, RemovalPhase, RemovalResult, Trigger,
+    ImageOutcome, ImageResult, InventorySummary, MAX_MESSAGE, MAX_POLICIES, MAX_POLICY_IMAGES,
+    MAX_REFERENCES, MAX_REMOVALS, NodeImageReport, NodeImageReportSpec, NodeImageReportStatus,
+    PolicyRun, PrunedImage, RemovalPhase, RemovalResult, Trigger,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -130,15 +130,15 @@ pub struct RemovalResult {
 }
 
 /// The outcome for one requested image.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageResult {
     /// The string as requested.
     pub image: String,
-    /// `Removed`, `WouldRemove` (dry run), `NotPresent`, `InUse`, `Pinned`, `Invalid`,
-    /// `Ambiguous`, or `Skipped` (not attempted: another image of the request is invalid or
-    /// ambiguous on this node, and a request never half-runs).
-    pub outcome: String,
+    /// `Removed`, `WouldRemove` (dry run), `NotPresent`, `InUse`, `Pinned`, `Protected`,
+    /// `Invalid`, `Ambiguous`, `ForceNotAllowed`, or `Skipped` (not attempted: another image of
+    /// the request is invalid or ambiguous on this node, and a request never half-runs).
+    pub outcome: ImageOutcome,
     /// The image ID it resolved to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -148,6 +148,80 @@ pub struct ImageResult {
     /// Why, in words.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+}
+
+/// What happened to one requested (or chosen) image on a node. The CRD lists the same values.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum ImageOutcome {
+    /// Every reference of the image was deleted.
+    Removed,
+    /// A dry run (or a policy run that did not remove): it would be removed.
+    WouldRemove,
+    /// No such image on this node: nothing to do, and that is success.
+    NotPresent,
+    /// Containers use the image; kept (a forced removal takes it where forcing is enabled).
+    InUse,
+    /// Pinned by the runtime (e.g. the sandbox image); never removed.
+    Pinned,
+    /// Protected by the agent's globs, or the node opted out; never removed, forced or not.
+    Protected,
+    /// Not an image ID or reference, or the request is malformed; nothing is touched.
+    Invalid,
+    /// A short ID that matches several images; nothing is touched.
+    Ambiguous,
+    /// Not attempted: another image of the request is invalid or ambiguous on this node, and a
+    /// request never half-runs.
+    Skipped,
+    /// A forced removal on a node where forcing is not enabled; nothing is removed.
+    ForceNotAllowed,
+}
+
+impl ImageOutcome {
+    /// The outcomes that count as success; every other one fails the removal on the node.
+    pub const SUCCESS: [ImageOutcome; 3] = [
+        ImageOutcome::Removed,
+        ImageOutcome::WouldRemove,
+        ImageOutcome::NotPresent,
+    ];
+
+    /// Whether this outcome counts as success (see [`ImageOutcome::SUCCESS`]).
+    pub fn is_success(self) -> bool {
+        Self::SUCCESS.contains(&self)
+    }
+
+    /// The value as written in the report (`Removed`, `InUse`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageOutcome::Removed => "Removed",
+            ImageOutcome::WouldRemove => "WouldRemove",
+            ImageOutcome::NotPresent => "NotPresent",
+            ImageOutcome::InUse => "InUse",
+            ImageOutcome::Pinned => "Pinned",
+            ImageOutcome::Protected => "Protected",
+            ImageOutcome::Invalid => "Invalid",
+            ImageOutcome::Ambiguous => "Ambiguous",
+            ImageOutcome::Skipped => "Skipped",
+            ImageOutcome::ForceNotAllowed => "ForceNotAllowed",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for ImageOutcome {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ImageOutcome {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// What triggered a policy run.
@@ -208,7 +282,7 @@ pub struct PolicyRun {
 }
 
 /// One image a policy run chose.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PrunedImage {
     /// The image ID.
@@ -221,7 +295,7 @@ pub struct PrunedImage {
     pub size: i64,
     /// `Removed`, `WouldRemove`, or why it was not removed after all (`InUse`, `Pinned`,
     /// `NotPresent`).
-    pub outcome: String,
+    pub outcome: ImageOutcome,
     /// Why the policy chose it, in words.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,

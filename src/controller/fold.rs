@@ -31,9 +31,6 @@ use crate::api::{
     NodeImageReport, RemovalPhase, RemovalResult,
 };
 
-/// Per-image outcomes that are not failures.
-const OK_OUTCOMES: [&str; 3] = ["Removed", "NotPresent", "WouldRemove"];
-
 /// Condition reasons.
 pub mod reason {
     /// Every target node removed the images (or had none of them).
@@ -101,35 +98,7 @@ pub fn fold<'a>(
     let selector = match removal.spec.node_selector.clone().map(Selector::try_from) {
         None => Selector::default(),
         Some(Ok(s)) => s,
-        Some(Err(e)) => {
-            let message = invalid_selector_message(removal, &e.to_string());
-            let conditions = vec![
-                condition(
-                    &current.conditions,
-                    COMPLETE,
-                    false,
-                    reason::INVALID_SELECTOR,
-                    &message,
-                    generation,
-                    now,
-                ),
-                condition(
-                    &current.conditions,
-                    FAILED,
-                    true,
-                    reason::INVALID_SELECTOR,
-                    &message,
-                    generation,
-                    now,
-                ),
-            ];
-            return ImageRemovalStatus {
-                observed_generation: Some(generation),
-                completion_time: Some(current.completion_time.unwrap_or(Time(now))),
-                conditions,
-                ..Default::default()
-            };
-        }
+        Some(Err(e)) => return invalid_selector_status(removal, &current, &e.to_string(), now),
     };
 
     let entries: BTreeMap<String, &RemovalResult> = reports
@@ -151,31 +120,7 @@ pub fn fold<'a>(
         target_nodes: count(targets.len()),
         ..Default::default()
     };
-    for node in &targets {
-        let Some(entry) = entries.get(*node) else {
-            status.pending += 1;
-            continue;
-        };
-        match entry.phase {
-            RemovalPhase::Succeeded => status.succeeded += 1,
-            RemovalPhase::Failed => status.failed += 1,
-        }
-        if !entry.dry_run {
-            status.bytes_freed = status.bytes_freed.saturating_add(entry.bytes_freed);
-        }
-        for image in &entry.images {
-            if status.failures.len() < MAX_FAILURE_SAMPLES
-                && !OK_OUTCOMES.contains(&image.outcome.as_str())
-            {
-                status.failures.push(FailureSample {
-                    node: node.to_string(),
-                    image: image.image.clone(),
-                    reason: image.outcome.clone(),
-                    message: image.message.clone(),
-                });
-            }
-        }
-    }
+    count_entries(&mut status, &targets, &entries);
 
     let (complete, failed) = conditions(&status, removal.spec.dry_run);
     status.conditions = vec![
@@ -202,6 +147,76 @@ pub fn fold<'a>(
         status.completion_time = Some(current.completion_time.unwrap_or(Time(now)));
     }
     status
+}
+
+/// The status of a removal whose selector cannot be evaluated: failed, with a message that
+/// names the culprit.
+fn invalid_selector_status(
+    removal: &ImageRemoval,
+    current: &ImageRemovalStatus,
+    error: &str,
+    now: Timestamp,
+) -> ImageRemovalStatus {
+    let generation = removal.metadata.generation.unwrap_or_default();
+    let message = invalid_selector_message(removal, error);
+    let conditions = vec![
+        condition(
+            &current.conditions,
+            COMPLETE,
+            false,
+            reason::INVALID_SELECTOR,
+            &message,
+            generation,
+            now,
+        ),
+        condition(
+            &current.conditions,
+            FAILED,
+            true,
+            reason::INVALID_SELECTOR,
+            &message,
+            generation,
+            now,
+        ),
+    ];
+    ImageRemovalStatus {
+        observed_generation: Some(generation),
+        completion_time: Some(current.completion_time.clone().unwrap_or(Time(now))),
+        conditions,
+        ..Default::default()
+    }
+}
+
+/// Adds the `entries` (by node) of the `targets` to the counts of `status`, with a sample of
+/// the failed images.
+fn count_entries(
+    status: &mut ImageRemovalStatus,
+    targets: &BTreeSet<&str>,
+    entries: &BTreeMap<String, &RemovalResult>,
+) {
+    for node in targets {
+        let Some(entry) = entries.get(*node) else {
+            status.pending += 1;
+            continue;
+        };
+        match entry.phase {
+            RemovalPhase::Succeeded => status.succeeded += 1,
+            RemovalPhase::Failed => status.failed += 1,
+        }
+        if !entry.dry_run {
+            status.bytes_freed = status.bytes_freed.saturating_add(entry.bytes_freed);
+        }
+        for image in &entry.images {
+            if status.failures.len() < MAX_FAILURE_SAMPLES && !image.outcome.is_success() {
+                status.failures.push(FailureSample {
+                    node: node.to_string(),
+                    image: image.image.clone(),
+                    reason: image.outcome.to_string(),
+                    message: image.message.clone(),
+                });
+            }
+        }
+    }
 }
 
 /// Names the first `matchExpressions` entry that does not parse, and what would.
@@ -366,7 +381,9 @@ mod tests {
         assert_eq!(write_interval(base, per, 5000), Duration::from_secs(25));
         assert_eq!(write_interval(base, Duration::ZERO, 5000), base);
     }
-    use crate::api::{ImageRemovalSpec, ImageResult, NodeImageReportSpec, NodeImageReportStatus};
+    use crate::api::{
+        ImageOutcome, ImageRemovalSpec, ImageResult, NodeImageReportSpec, NodeImageReportStatus,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
     use kube::api::ObjectMeta;
 
@@ -406,12 +423,13 @@ mod tests {
             .collect()
     }
 
-    fn image(name: &str, outcome: &str, message: &str) -> ImageResult {
+    fn image(name: &str, outcome: ImageOutcome, message: &str) -> ImageResult {
         ImageResult {
             image: name.into(),
-            outcome: outcome.into(),
+            outcome,
+            id: None,
+            references: Vec::new(),
             message: message.into(),
-            ..Default::default()
         }
     }
 
@@ -432,8 +450,8 @@ mod tests {
             RemovalPhase::Succeeded,
             bytes,
             vec![
-                image("nginx", "Removed", ""),
-                image("redis", "NotPresent", ""),
+                image("nginx", ImageOutcome::Removed, ""),
+                image("redis", ImageOutcome::NotPresent, ""),
             ],
         )
     }
@@ -554,9 +572,9 @@ mod tests {
                 RemovalPhase::Failed,
                 7,
                 vec![
-                    image("nginx", "InUse", "used by container x"),
-                    image("redis", "Removed", ""),
-                    image("pause", "Pinned", "pinned"),
+                    image("nginx", ImageOutcome::InUse, "used by container x"),
+                    image("redis", ImageOutcome::Removed, ""),
+                    image("pause", ImageOutcome::Pinned, "pinned"),
                 ],
             )
         };
@@ -607,7 +625,7 @@ mod tests {
         let bad = entry(
             RemovalPhase::Failed,
             0,
-            vec![image("nginx", "Error", "boom")],
+            vec![image("nginx", ImageOutcome::Ambiguous, "boom")],
         );
         let s = run(&removal(None), &n, &[report("a", vec![bad])], t(0));
         assert_eq!(counts(&s), (2, 0, 1, 1));
@@ -663,7 +681,7 @@ mod tests {
         let mut e = entry(
             RemovalPhase::Succeeded,
             500,
-            vec![image("nginx", "WouldRemove", "")],
+            vec![image("nginx", ImageOutcome::WouldRemove, "")],
         );
         e.dry_run = true;
         let s = run(&r, &nodes(&[("a", "x")]), &[report("a", vec![e])], t(0));

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
@@ -44,9 +45,6 @@ pub const FIELD_MANAGER: &str = "imagegc-controller";
 pub const EVENT_CONTROLLER: &str = "imagegc.dev/controller";
 /// Every removal is refolded at least this often, whatever the watches say.
 const RESYNC: Duration = Duration::from_secs(300);
-/// Backoff after a failed reconcile: doubles from this, up to `MAX_BACKOFF`.
-const MIN_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Flags of `imagegc controller`.
 #[derive(clap::Args, Clone, Debug)]
@@ -300,8 +298,10 @@ pub async fn run(args: ControllerArgs) -> Result<(), ControllerError> {
         client,
         publisher,
         metrics: metrics.clone(),
-        status_debounce: args.status_debounce,
-        status_debounce_per_node: args.status_debounce_per_node,
+        debounce: Debounce {
+            base: args.status_debounce,
+            per_node: args.status_debounce_per_node,
+        },
     };
     let outcome = tokio::select! {
         lost = keep_leading(&mut elector, args.lease_renew, args.lease_duration) => Err(lost),
@@ -383,8 +383,42 @@ struct Leader {
     client: Client,
     publisher: Publisher,
     metrics: Metrics,
-    status_debounce: Duration,
-    status_debounce_per_node: Duration,
+    debounce: Debounce,
+}
+
+/// The least time between two status writes of one object: `base`, plus `per_node` for each
+/// Node it targets (each write reaches every agent's watch).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Debounce {
+    base: Duration,
+    per_node: Duration,
+}
+
+impl Debounce {
+    /// The interval for an object that targets `nodes` Nodes.
+    fn interval(self, nodes: i32) -> Duration {
+        fold::write_interval(self.base, self.per_node, nodes)
+    }
+}
+
+/// The reflector stores both loops read.
+#[derive(Clone)]
+pub(crate) struct Stores {
+    nodes: Store<PartialObjectMeta<Node>>,
+    reports: Store<NodeImageReport>,
+    /// Every ImageRemoval, to forget what belonged to deleted ones.
+    removals: Store<ImageRemoval>,
+}
+
+/// The removals' write rate limit and failure backoff.
+#[derive(Default)]
+struct Limits {
+    debounce: Debounce,
+    /// When each removal's status was last written (by UID): the write rate limit.
+    last_write: Mutex<HashMap<String, Instant>>,
+    /// Consecutive failed reconciles per removal (by name): the backoff. Only failing
+    /// removals that still exist are kept (see [`Context::forget_gone`]).
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 /// What every reconcile shares.
@@ -393,17 +427,8 @@ struct Context {
     publisher: Publisher,
     metrics: Metrics,
     synced: Synced,
-    nodes: Store<PartialObjectMeta<Node>>,
-    reports: Store<NodeImageReport>,
-    /// When each removal's status was last written (by UID): the write rate limit.
-    last_write: Mutex<HashMap<String, Instant>>,
-    /// Consecutive failed reconciles per removal (by name): the backoff. Only failing
-    /// removals that still exist are kept (see [`Context::forget_gone`]).
-    failures: Mutex<HashMap<String, u32>>,
-    /// Every ImageRemoval, to forget what belonged to deleted ones.
-    removals: Store<ImageRemoval>,
-    status_debounce: Duration,
-    status_debounce_per_node: Duration,
+    stores: Stores,
+    limits: Limits,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -448,78 +473,94 @@ impl Synced {
     }
 }
 
-/// Watches ImageRemovals, NodeImageReports and Node labels and reconciles until `shutdown`.
-async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
-    let client = leader.client;
-    let synced = Synced::new();
-    let (removals, removals_writer) = reflector::store::<ImageRemoval>();
-    let removal_changes = changes(
-        reflector::reflector(
-            removals_writer,
-            crate::watch::tolerant::<ImageRemoval>(client.clone(), watcher::Config::default())
-                .default_backoff()
-                .modify(drop_managed_fields),
-        ),
-        synced.clone(),
-        Synced::REMOVALS,
-    );
-    let (nodes, nodes_writer) = reflector::store::<PartialObjectMeta<Node>>();
-    let node_changes = changes(
-        only_label_changes(reflector::reflector(
-            nodes_writer,
-            watcher::watcher(
-                Api::<PartialObjectMeta<Node>>::all(client.clone()),
-                watcher::Config::default(),
-            )
+/// Changes of one watched kind, as the controller's runner takes them.
+type Changes<K> = BoxStream<'static, watcher::Result<K>>;
+
+/// A reflector over every object of one of imagegc's kinds, and its changes; marks `watch`
+/// synced after its first listing.
+fn watch_kind<K>(client: &Client, synced: &Synced, watch: u8) -> (Store<K>, Changes<K>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let events = reflector::reflector(
+        writer,
+        crate::watch::tolerant::<K>(client.clone(), watcher::Config::default())
             .default_backoff()
             .modify(drop_managed_fields),
-        )),
-        synced.clone(),
-        Synced::NODES,
     );
-    let (reports, reports_writer) = reflector::store::<NodeImageReport>();
-    let report_changes = changes(
-        reflector::reflector(
-            reports_writer,
-            crate::watch::tolerant::<NodeImageReport>(client.clone(), watcher::Config::default())
-                .default_backoff()
-                .modify(drop_managed_fields),
-        ),
-        synced.clone(),
-        Synced::REPORTS,
-    );
+    (store, changes(events, synced.clone(), watch).boxed())
+}
+
+/// A reflector over the Nodes' metadata, and the changes of their labels.
+fn watch_nodes(
+    client: &Client,
+    synced: &Synced,
+) -> (
+    Store<PartialObjectMeta<Node>>,
+    Changes<PartialObjectMeta<Node>>,
+) {
+    let (store, writer) = reflector::store::<PartialObjectMeta<Node>>();
+    let events = only_label_changes(reflector::reflector(
+        writer,
+        watcher::watcher(
+            Api::<PartialObjectMeta<Node>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(drop_managed_fields),
+    ));
+    (
+        store,
+        changes(events, synced.clone(), Synced::NODES).boxed(),
+    )
+}
+
+/// Drives the policy watch (its store feeds the policy loop) until `shutdown`, logging its
+/// errors.
+async fn drain_policy_watch(policy_changes: Changes<ImagePrunePolicy>, mut shutdown: Shutdown) {
+    let mut policy_changes = policy_changes;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            event = policy_changes.next() => match event {
+                Some(Err(e)) => tracing::warn!(error = %e, "watching ImagePrunePolicies failed; retrying with backoff"),
+                Some(Ok(_)) => {}
+                None => break,
+            },
+        }
+    }
+}
+
+/// Watches ImageRemovals, NodeImageReports and Node labels and reconciles until `shutdown`;
+/// runs the policy loop beside it.
+async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
+    let client = leader.client.clone();
+    let synced = Synced::new();
+    let (removals, removal_changes) =
+        watch_kind::<ImageRemoval>(&client, &synced, Synced::REMOVALS);
+    let (nodes, node_changes) = watch_nodes(&client, &synced);
+    let (reports, report_changes) =
+        watch_kind::<NodeImageReport>(&client, &synced, Synced::REPORTS);
+    let (policies, policy_changes) =
+        watch_kind::<ImagePrunePolicy>(&client, &synced, Synced::POLICIES);
     // Every policy, report and Node label change pings the policy loop.
     let changed = Arc::new(tokio::sync::Notify::new());
     let report_changes = report_changes.inspect(ping(&changed));
     let node_changes = node_changes.inspect(ping(&changed));
-    let (policies, policies_writer) = reflector::store::<ImagePrunePolicy>();
-    let policy_changes = changes(
-        reflector::reflector(
-            policies_writer,
-            crate::watch::tolerant::<ImagePrunePolicy>(client.clone(), watcher::Config::default())
-                .default_backoff()
-                .modify(drop_managed_fields),
-        ),
-        synced.clone(),
-        Synced::POLICIES,
-    )
-    .inspect(ping(&changed));
-    {
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            let mut policy_changes = std::pin::pin!(policy_changes);
-            loop {
-                tokio::select! {
-                    _ = stop.wait() => break,
-                    event = policy_changes.next() => match event {
-                        Some(Err(e)) => tracing::warn!(error = %e, "watching ImagePrunePolicies failed; retrying with backoff"),
-                        Some(Ok(_)) => {}
-                        None => break,
-                    },
-                }
-            }
-        });
-    }
+    let policy_changes = policy_changes.inspect(ping(&changed)).boxed();
+    tokio::spawn(drain_policy_watch(policy_changes, shutdown.clone()));
+    let stores = Stores {
+        nodes,
+        reports,
+        removals,
+    };
     tokio::spawn(
         policies::PolicyLoop {
             client: client.clone(),
@@ -527,11 +568,9 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
             metrics: leader.metrics.clone(),
             synced: synced.clone(),
             policies,
-            nodes: nodes.clone(),
-            reports: reports.clone(),
+            stores: stores.clone(),
             changed,
-            debounce: leader.status_debounce,
-            debounce_per_node: leader.status_debounce_per_node,
+            debounce: leader.debounce,
         }
         .run(shutdown.clone()),
     );
@@ -548,20 +587,36 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
         publisher: leader.publisher,
         metrics: leader.metrics,
         synced,
-        nodes,
-        reports,
-        last_write: Mutex::default(),
-        failures: Mutex::default(),
-        removals: removals.clone(),
-        status_debounce: leader.status_debounce,
-        status_debounce_per_node: leader.status_debounce_per_node,
+        stores: stores.clone(),
+        limits: Limits {
+            debounce: leader.debounce,
+            ..Limits::default()
+        },
     });
+    run_removals(
+        removal_changes,
+        report_changes.boxed(),
+        node_changes.boxed(),
+        ctx,
+        shutdown,
+    )
+    .await;
+}
 
+/// Runs the ImageRemoval controller until `shutdown`: each removal is reconciled when it
+/// changes, when a report naming it changes, and when a Node's labels change (the target set
+/// may change).
+async fn run_removals(
+    removal_changes: Changes<ImageRemoval>,
+    report_changes: Changes<NodeImageReport>,
+    node_changes: Changes<PartialObjectMeta<Node>>,
+    ctx: Arc<Context>,
+    mut shutdown: Shutdown,
+) {
     // Rate limiting is done per object in `reconcile_one`; the scheduler's own debounce
     // would keep delaying a removal whose reports never stop arriving.
-    let all = removals.clone();
-    let mut stop = shutdown;
-    Controller::for_stream(removal_changes, removals)
+    let all = ctx.stores.removals.clone();
+    Controller::for_stream(removal_changes, ctx.stores.removals.clone())
         .with_config(ControllerConfig::default().concurrency(8))
         .watches_stream(report_changes, |report: NodeImageReport| {
             removals_named_in(&report)
@@ -572,7 +627,7 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
                 .map(|r| ObjectRef::from_obj(&**r))
                 .collect::<Vec<_>>()
         })
-        .graceful_shutdown_on(async move { stop.wait().await })
+        .graceful_shutdown_on(async move { shutdown.wait().await })
         .run(reconcile_one, error_policy, ctx)
         .for_each(|result| {
             // Failed reconciles are logged by `error_policy`; the rest are watch errors.
@@ -681,7 +736,7 @@ async fn reconcile_one(
     let result = fold_and_write(&removal, &ctx).await;
     if result.is_ok() {
         ctx.metrics.reconciled("ok");
-        lock(&ctx.failures).remove(&removal.name_any());
+        lock(&ctx.limits.failures).remove(&removal.name_any());
     }
     ctx.forget_gone();
     result
@@ -690,14 +745,12 @@ async fn reconcile_one(
 fn error_policy(removal: Arc<ImageRemoval>, error: &ControllerError, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconciled(error.metric_label());
     let failures = {
-        let mut map = lock(&ctx.failures);
+        let mut map = lock(&ctx.limits.failures);
         let n = map.entry(removal.name_any()).or_insert(0);
         *n = n.saturating_add(1);
         *n
     };
-    let backoff = MIN_BACKOFF
-        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(16)))
-        .min(MAX_BACKOFF);
+    let backoff = serve::backoff(failures);
     tracing::warn!(removal = %removal.name_any(), error = %error, retry_in = ?backoff, "reconcile failed");
     Action::requeue(backoff)
 }
@@ -716,7 +769,7 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
     let now =
         Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now());
 
-    let (nodes, reports) = (ctx.nodes.state(), ctx.reports.state());
+    let (nodes, reports) = (ctx.stores.nodes.state(), ctx.stores.reports.state());
     let status = fold::fold(
         removal,
         nodes
@@ -727,11 +780,7 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
     );
 
     if removal.status.as_ref() != Some(&status) {
-        let interval = fold::write_interval(
-            ctx.status_debounce,
-            ctx.status_debounce_per_node,
-            status.target_nodes,
-        );
+        let interval = ctx.limits.debounce.interval(status.target_nodes);
         if fold::terminal(&status).is_none()
             && let Some(wait) = ctx.write_wait(&uid, interval)
         {
@@ -742,7 +791,7 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
             Err(source) => return Err(ControllerError::WriteStatus { name, source }),
         }
-        lock(&ctx.last_write).insert(uid.clone(), Instant::now());
+        lock(&ctx.limits.last_write).insert(uid.clone(), Instant::now());
         ctx.metrics.status_writes.inc();
         tracing::info!(
             removal = %name,
@@ -790,19 +839,20 @@ impl Context {
     /// reconciled again, so nothing else would. The map holds only failing removals, so this
     /// is cheap.
     fn forget_gone(&self) {
-        lock(&self.failures).retain(|name, _| self.removals.get(&ObjectRef::new(name)).is_some());
+        lock(&self.limits.failures)
+            .retain(|name, _| self.stores.removals.get(&ObjectRef::new(name)).is_some());
     }
 
     /// How long to wait before this removal's status may be written again, if at all, when
     /// writes must be `interval` apart.
     fn write_wait(&self, uid: &str, interval: Duration) -> Option<Duration> {
-        let mut last = lock(&self.last_write);
+        let mut last = lock(&self.limits.last_write);
         let wait = last
             .get(uid)
             .map(|at| interval.saturating_sub(at.elapsed()))
             .filter(|wait| !wait.is_zero());
         // Forget writes older than any interval in use, so the map stays small.
-        last.retain(|_, at| at.elapsed() < interval.max(self.status_debounce));
+        last.retain(|_, at| at.elapsed() < interval.max(self.limits.debounce.base));
         wait
     }
 }

@@ -5,15 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
-use super::{Metrics, RESYNC, Synced, policy_fold};
-use crate::api::{ImagePrunePolicy, ImagePrunePolicyStatus, NodeImageReport, READY};
+use super::{Debounce, Metrics, RESYNC, Stores, Synced, policy_fold};
+use crate::api::{ImagePrunePolicy, ImagePrunePolicyStatus, READY};
 use crate::events::{Publisher, Severity};
 use crate::serve::Shutdown;
 
@@ -24,14 +22,12 @@ pub(super) struct PolicyLoop {
     pub metrics: Metrics,
     pub synced: Synced,
     pub policies: Store<ImagePrunePolicy>,
-    pub nodes: Store<PartialObjectMeta<Node>>,
-    pub reports: Store<NodeImageReport>,
+    pub stores: Stores,
     /// Pinged by every policy, report and Node label change.
     pub changed: Arc<Notify>,
-    /// The least time between two passes…
-    pub debounce: Duration,
-    /// … plus this per Node: every status write reaches every agent's watch.
-    pub debounce_per_node: Duration,
+    /// The least time between two passes (as between two writes of a removal's status:
+    /// every status write reaches every agent's watch).
+    pub debounce: Debounce,
 }
 
 fn ready_status(status: Option<&ImagePrunePolicyStatus>) -> Option<String> {
@@ -65,15 +61,15 @@ impl PolicyLoop {
 
     /// The time between two passes: the removals' write interval for the cluster's node count.
     fn interval(&self) -> Duration {
-        let nodes = i32::try_from(self.nodes.state().len()).unwrap_or(i32::MAX);
-        super::fold::write_interval(self.debounce, self.debounce_per_node, nodes)
+        let nodes = i32::try_from(self.stores.nodes.state().len()).unwrap_or(i32::MAX);
+        self.debounce.interval(nodes)
     }
 
     /// Folds every policy and writes the statuses that changed.
     async fn pass(&self) {
         let now = Timestamp::from_second(Timestamp::now().as_second())
             .unwrap_or_else(|_| Timestamp::now());
-        let (nodes, reports) = (self.nodes.state(), self.reports.state());
+        let (nodes, reports) = (self.stores.nodes.state(), self.stores.reports.state());
         for policy in self.policies.state() {
             if policy.meta().deletion_timestamp.is_some() {
                 continue;

@@ -70,10 +70,11 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// A stable one-word name (for output columns, metrics and status).
+    /// A stable one-word name of the decision (`Remove` is only planned: what a report says
+    /// once it ran is the agent's `report::image_outcome`).
     pub fn kind(&self) -> &'static str {
         match self {
-            Outcome::Remove { .. } => "Removed",
+            Outcome::Remove { .. } => "Remove",
             Outcome::NotPresent => "NotPresent",
             Outcome::InUse { .. } => "InUse",
             Outcome::Pinned { .. } => "Pinned",
@@ -733,7 +734,7 @@ mod tests {
         assert_eq!(
             got,
             [
-                ("Removed", false),
+                ("Remove", false),
                 ("NotPresent", false),
                 ("InUse", false),
                 ("Pinned", false),

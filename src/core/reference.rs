@@ -698,6 +698,15 @@ mod tests {
                 format!("foo/bar@sha256:{H64}"),
                 format!("docker.io/foo/bar@sha256:{H64}"),
             ),
+        ]
+        .into_iter()
+        .chain(valid_digest_vectors())
+        .collect()
+    }
+
+    /// The part of [`valid_vectors`] with digests or at the length limits.
+    fn valid_digest_vectors() -> Vec<(String, String)> {
+        vec![
             (
                 format!("foo:tag@sha256:{H64}"),
                 format!("docker.io/library/foo@sha256:{H64}"),

@@ -365,7 +365,7 @@ fn is_ready(pod: &Pod) -> bool {
 fn outcomes(r: &RemovalResult) -> Vec<(String, String)> {
     r.images
         .iter()
-        .map(|i| (i.image.clone(), i.outcome.clone()))
+        .map(|i| (i.image.clone(), i.outcome.to_string()))
         .collect()
 }
 

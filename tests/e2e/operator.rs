@@ -498,7 +498,7 @@ pub fn condition(r: &ImageRemoval, type_: &str) -> Option<String> {
 pub fn outcomes(r: &RemovalResult) -> Vec<(String, String)> {
     r.images
         .iter()
-        .map(|i| (i.image.clone(), i.outcome.clone()))
+        .map(|i| (i.image.clone(), i.outcome.to_string()))
         .collect()
 }
 

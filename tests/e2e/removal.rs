@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
+use imagegc::agent::report::{self, Run};
 use imagegc::containerd::Runtime;
 use imagegc::core::inventory::{Inventory, PENDING_LABEL};
 use imagegc::core::plan::{self, Plan, Request};
@@ -315,7 +316,12 @@ pub async fn remove(
     let matcher = Matcher::only(Platform::host());
     let (inv, _) = rt.inventory_for(images, &matcher).await?;
     let plan = plan_of(images, force, &inv);
-    let kinds = plan.items.iter().map(|i| i.outcome.kind()).collect();
+    // What the report says once the plan ran.
+    let kinds = plan
+        .items
+        .iter()
+        .map(|i| report::image_outcome(&i.outcome, Run::Executed).as_str())
+        .collect();
     rt.execute(plan).await?;
     Ok(kinds)
 }
