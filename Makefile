@@ -35,7 +35,7 @@ test: deps ## Run every test: unit tests, then the end-to-end suite on real cont
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test --workspace --test e2e
 
-unit: ## Unit tests of the pure core only (no daemons).
+unit: ## Unit and property tests of every crate's library and binaries (the core, the agent's and controller's pure parts, the test bed); no daemons.
 	$(CARGO) test --workspace --lib --bins
 
 e2e: deps ## The end-to-end suite only (pass a filter with ARGS=...).

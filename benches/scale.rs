@@ -1,5 +1,5 @@
 //! `make bench-scale`: imagegc at N simulated nodes against the real API server, side by side
-//! with the design DESIGN.md rejects (every agent writes its own entry into the removal's
+//! with the design docs/architecture.md rejects (every agent writes its own entry into the removal's
 //! status), with the API server's own `/metrics` as the meter.
 //!
 //! One test bed: etcd, kube-apiserver with the rendered chart applied (CRDs, ServiceAccounts,
