@@ -1017,7 +1017,7 @@ async fn naive_agent(
             generation: removal.metadata.generation.unwrap_or(1),
         };
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let result = report::result(&key, &plan, false, executed.freed_bytes, now);
+        let result = report::plan_entry(&key, &plan, false, executed.freed_bytes, now);
         let mut entry = serde_json::to_value(&result)?;
         entry["node"] = serde_json::json!(node);
         let patch = serde_json::json!({

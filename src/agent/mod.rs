@@ -50,7 +50,7 @@ use policies::Policies;
 use removals::Removals;
 
 /// Field manager of everything the agent writes.
-pub const MANAGER: &str = "imagegc-agent";
+pub const FIELD_MANAGER: &str = "imagegc-agent";
 /// Reporting controller name on the agent's Events.
 const EVENT_CONTROLLER: &str = "imagegc.dev/agent";
 
@@ -570,7 +570,7 @@ impl Agent {
     /// Applies the report: the object itself once per process (name, owner, spec), then its
     /// status whenever it changed.
     async fn write_report(&mut self, node_uid: &str) -> Result<(), AgentError> {
-        let params = PatchParams::apply(MANAGER).force();
+        let params = PatchParams::apply(FIELD_MANAGER).force();
         let err = |source| AgentError::Report {
             node: self.node.clone(),
             source,

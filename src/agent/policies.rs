@@ -682,7 +682,7 @@ impl Agent {
                 },
                 inv,
             );
-            if !compiled.dry_run && !report::blocked(&plan) {
+            if !compiled.dry_run && !report::is_blocked(&plan) {
                 let done = self
                     .connection
                     .execute(&reading.runtime, plan.clone())

@@ -280,7 +280,7 @@ impl Agent {
         };
         if let Some(refusal) = report::refusal(&spec.images, spec.force, allowed) {
             tracing::warn!(removal = %key.name, outcome = %refusal.outcome, reason = %refusal.reason, "removal refused");
-            return Ok(report::refused(
+            return Ok(report::refused_entry(
                 key,
                 &spec.images,
                 spec.dry_run,
@@ -299,7 +299,7 @@ impl Agent {
             &reading.inventory,
         );
         let mut freed = 0;
-        if !spec.dry_run && !report::blocked(&plan) {
+        if !spec.dry_run && !report::is_blocked(&plan) {
             let executed = self
                 .connection
                 .execute(&reading.runtime, plan.clone())
@@ -315,7 +315,7 @@ impl Agent {
                 "removal executed"
             );
         }
-        let result = report::result(key, &plan, spec.dry_run, freed, now());
+        let result = report::plan_entry(key, &plan, spec.dry_run, freed, now());
         self.metrics.executed(&result, started.elapsed());
         tracing::info!(
             removal = %key.name,

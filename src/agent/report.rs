@@ -141,7 +141,7 @@ pub fn refusal(images: &[String], force: bool, allowed: Allowed) -> Option<Refus
 }
 
 /// The report entry for a removal that was refused as a whole (see [`refusal`]).
-pub fn refused(
+pub fn refused_entry(
     key: &Key,
     images: &[String],
     dry_run: bool,
@@ -172,14 +172,20 @@ pub fn refused(
 
 /// Whether a plan must not run at all: one invalid or ambiguous image refuses the whole
 /// batch, so a typo never half-runs a request (the same rule as `imagegc rmi`).
-pub fn blocked(plan: &Plan) -> bool {
+pub fn is_blocked(plan: &Plan) -> bool {
     plan.items.iter().any(|i| i.outcome.is_failure())
 }
 
-/// The report entry for `plan`: executed (`dry_run == false` and not [`blocked`]) with
+/// The report entry for `plan`: executed (`dry_run == false` and not [`is_blocked`]) with
 /// `bytes_freed`, or only planned.
-pub fn result(key: &Key, plan: &Plan, dry_run: bool, bytes_freed: i64, now: Time) -> RemovalResult {
-    let blocked = blocked(plan);
+pub fn plan_entry(
+    key: &Key,
+    plan: &Plan,
+    dry_run: bool,
+    bytes_freed: i64,
+    now: Time,
+) -> RemovalResult {
+    let blocked = is_blocked(plan);
     let run = if blocked {
         Run::Blocked
     } else if dry_run {
@@ -449,7 +455,7 @@ mod tests {
                 },
             ),
         ]);
-        let r = result(&key("x", 1), &p, false, 1234, at(10));
+        let r = plan_entry(&key("x", 1), &p, false, 1234, at(10));
         assert_eq!(r.phase, RemovalPhase::Failed);
         assert_eq!(r.bytes_freed, 1234);
         let outcomes: Vec<&str> = r.images.iter().map(|i| i.outcome.as_str()).collect();
@@ -464,7 +470,7 @@ mod tests {
             ("b", Outcome::NotPresent),
         ]);
         assert_eq!(
-            result(&key("x", 1), &ok, false, 5, at(10)).phase,
+            plan_entry(&key("x", 1), &ok, false, 5, at(10)).phase,
             RemovalPhase::Succeeded
         );
     }
@@ -472,7 +478,7 @@ mod tests {
     #[test]
     fn dry_runs_say_would_remove_and_free_nothing() {
         let p = plan(vec![("app", remove("sha256:aa", &["a"]))]);
-        let r = result(&key("x", 1), &p, true, 999, at(10));
+        let r = plan_entry(&key("x", 1), &p, true, 999, at(10));
         assert_eq!(r.images[0].outcome, "WouldRemove");
         assert!(r.dry_run);
         assert_eq!(r.bytes_freed, 0);
@@ -490,8 +496,8 @@ mod tests {
                 },
             ),
         ]);
-        assert!(blocked(&p));
-        let r = result(&key("x", 1), &p, false, 0, at(10));
+        assert!(is_blocked(&p));
+        let r = plan_entry(&key("x", 1), &p, false, 0, at(10));
         assert_eq!(r.images[0].outcome, ImageOutcome::Skipped);
         assert_eq!(r.images[1].outcome, "Invalid");
         assert_eq!(r.phase, RemovalPhase::Failed);
@@ -503,7 +509,7 @@ mod tests {
         let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
         let long = "x".repeat(600);
         let p = plan(vec![(long.as_str(), remove("sha256:aa", &refs))]);
-        let r = result(&key("x", 1), &p, false, 0, at(1));
+        let r = plan_entry(&key("x", 1), &p, false, 0, at(1));
         assert_eq!(r.images[0].references.len(), MAX_REFERENCES);
         assert!(r.images[0].image.len() <= MAX_MESSAGE);
         assert!(r.images[0].message.len() <= MAX_MESSAGE);
@@ -517,7 +523,7 @@ mod tests {
         let too_many = refusal(&many, false, ok).unwrap();
         assert!(too_many.reason.contains("at most 100"));
         assert!(refusal(&["nginx".into()], false, ok).is_none());
-        let r = refused(&key("x", 1), &many, false, &too_many, at(1));
+        let r = refused_entry(&key("x", 1), &many, false, &too_many, at(1));
         assert_eq!(r.images.len(), MAX_IMAGES);
         assert_eq!(r.phase, RemovalPhase::Failed);
         assert!(r.images.iter().all(|i| i.outcome == "Invalid"));
@@ -533,7 +539,7 @@ mod tests {
             "{}",
             denied.reason
         );
-        let r = refused(&key("x", 1), &images, false, &denied, at(1));
+        let r = refused_entry(&key("x", 1), &images, false, &denied, at(1));
         assert_eq!(r.phase, RemovalPhase::Failed);
         assert!(r.images.iter().all(|i| i.outcome == "ForceNotAllowed"));
         let allowed = Allowed {
@@ -722,7 +728,7 @@ mod properties {
             let now = Time(Timestamp::from_second(1).unwrap());
             let allowed = Allowed { force: true, node_excluded: false };
             let result = match refusal(&images, force, allowed) {
-                Some(refusal) => refused(&key, &images, dry_run, &refusal, now),
+                Some(refusal) => refused_entry(&key, &images, dry_run, &refusal, now),
                 None => {
                     let request = Request { images: images.clone(), force, ..Default::default() };
                     let p = plan(&request, &inventory());
@@ -733,7 +739,7 @@ mod properties {
                         .iter()
                         .any(|d| *d == pinned_id || d == "docker.io/library/img2:1");
                     prop_assert!(!touches_pinned, "a pinned image planned: {:?}", p.deletes);
-                    result(&key, &p, dry_run, 0, now)
+                    plan_entry(&key, &p, dry_run, 0, now)
                 }
             };
             prop_assert!(result.images.len() <= MAX_IMAGES);

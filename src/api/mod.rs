@@ -21,11 +21,6 @@ pub use node_image_report::{
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-/// The API group.
-pub const GROUP: &str = "imagegc.dev";
-/// The API version.
-pub const VERSION: &str = "v1alpha1";
-
 /// Condition type: the removal finished on every target node without failures.
 pub const COMPLETE: &str = "Complete";
 /// Condition type: the removal finished, and at least one node failed.

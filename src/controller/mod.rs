@@ -97,7 +97,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// What can stop the controller or fail one reconcile.
+/// What stops the controller: at start, or when leadership is lost.
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     /// Flags that contradict each other.
@@ -141,6 +141,11 @@ pub enum ControllerError {
         /// Why.
         why: String,
     },
+}
+
+/// What fails one reconcile of an ImageRemoval (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
     /// Writing an ImageRemoval's status failed.
     #[error(
         "writing the status of ImageRemoval {name} failed: {source}; the controller needs patch on imageremovals/status"
@@ -165,18 +170,12 @@ pub enum ControllerError {
     },
 }
 
-impl ControllerError {
+impl ReconcileError {
     /// A short, stable label for metrics and logs.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            ControllerError::Flags(_) => "flags",
-            ControllerError::Client(_) => "client",
-            ControllerError::Signals(_) => "signals",
-            ControllerError::Listen { .. } => "listen",
-            ControllerError::Lease { .. } => "lease",
-            ControllerError::LostLeadership { .. } => "lost_leadership",
-            ControllerError::WriteStatus { .. } => "write_status",
-            ControllerError::Delete { .. } => "delete",
+            ReconcileError::WriteStatus { .. } => "write_status",
+            ReconcileError::Delete { .. } => "delete",
         }
     }
 }
@@ -732,7 +731,7 @@ fn removals_named_in(report: &NodeImageReport) -> Vec<ObjectRef<ImageRemoval>> {
 async fn reconcile_one(
     removal: Arc<ImageRemoval>,
     ctx: Arc<Context>,
-) -> Result<Action, ControllerError> {
+) -> Result<Action, ReconcileError> {
     let result = fold_and_write(&removal, &ctx).await;
     if result.is_ok() {
         ctx.metrics.reconciled("ok");
@@ -742,7 +741,7 @@ async fn reconcile_one(
     result
 }
 
-fn error_policy(removal: Arc<ImageRemoval>, error: &ControllerError, ctx: Arc<Context>) -> Action {
+fn error_policy(removal: Arc<ImageRemoval>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconciled(error.metric_label());
     let failures = {
         let mut map = lock(&ctx.limits.failures);
@@ -756,7 +755,7 @@ fn error_policy(removal: Arc<ImageRemoval>, error: &ControllerError, ctx: Arc<Co
 }
 
 /// Gather → fold → write (only if changed, at most once per debounce) → Event → TTL.
-async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action, ControllerError> {
+async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action, ReconcileError> {
     // Folding before every watch listed once would count missing Nodes and reports as
     // "no target" and finish removals that are not finished.
     ctx.synced.wait().await;
@@ -789,7 +788,7 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
         match apply_status::<ImageRemoval>(&ctx.client, &name, &status).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
-            Err(source) => return Err(ControllerError::WriteStatus { name, source }),
+            Err(source) => return Err(ReconcileError::WriteStatus { name, source }),
         }
         lock(&ctx.limits.last_write).insert(uid.clone(), Instant::now());
         ctx.metrics.status_writes.inc();
@@ -827,7 +826,7 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
                 }
                 // Gone already, or re-created under the same name (a different UID).
                 Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                Err(source) => return Err(ControllerError::Delete { name, source }),
+                Err(source) => return Err(ReconcileError::Delete { name, source }),
             }
             Ok(Action::await_change())
         }

@@ -113,7 +113,7 @@ pub fn fold<'a>(
             );
             ready(&mut status, true, reason::VALID, &message);
         }
-        Err(e) => ready(&mut status, false, reason::INVALID_SPEC, &e),
+        Err(e) => ready(&mut status, false, reason::INVALID_SPEC, &e.to_string()),
     }
     status
 }

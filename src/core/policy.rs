@@ -8,12 +8,34 @@ use std::collections::BTreeMap;
 use crate::api::ImagePrunePolicySpec;
 use crate::core::inventory::{ImageRecord, Inventory};
 use crate::core::last_used;
-use crate::core::prune::{self, Candidate, Protections, Selection, Selector, Watermark};
-use crate::core::schedule::{self, Schedule};
+use crate::core::prune::{self, Candidate, Criteria, Protections, PruneError, Selector, Watermark};
+use crate::core::schedule::{self, Schedule, ScheduleError};
 
 /// Images removed per node per run when the policy sets no `maxImagesPerRun`: every chosen
 /// image is one batch with one garbage collection, and the report lists a bounded number.
 pub const DEFAULT_MAX_IMAGES_PER_RUN: u32 = 100;
+
+/// Why a policy cannot run. The message says what is wrong, in words a user can act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// Neither a schedule nor a watermark.
+    #[error("the policy has neither a schedule nor a watermark, so it never runs")]
+    NeverRuns,
+    /// The schedule does not parse.
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    /// A duration (`unusedFor`, `olderThan`) does not parse.
+    #[error("{field}: {source}")]
+    Duration {
+        /// Which one.
+        field: &'static str,
+        /// Why.
+        source: ScheduleError,
+    },
+    /// A glob or the watermarks are invalid.
+    #[error(transparent)]
+    Prune(#[from] PruneError),
+}
 
 /// A policy ready to run.
 #[derive(Debug)]
@@ -31,35 +53,33 @@ pub struct Compiled {
 /// Compiles `spec` with the agent's `protections`. The error says what is wrong, in words
 /// (the API server's schema catches most mistakes; this catches the rest: cron syntax, glob
 /// syntax, watermark order for objects written before the schema did).
-pub fn compile(spec: &ImagePrunePolicySpec, protections: &Protections) -> Result<Compiled, String> {
+pub fn compile(
+    spec: &ImagePrunePolicySpec,
+    protections: &Protections,
+) -> Result<Compiled, PolicyError> {
     if spec.schedule.is_none() && spec.watermark.is_none() {
-        return Err("the policy has neither a schedule nor a watermark, so it never runs".into());
+        return Err(PolicyError::NeverRuns);
     }
-    let schedule = spec
-        .schedule
-        .as_deref()
-        .map(Schedule::parse)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let schedule = spec.schedule.as_deref().map(Schedule::parse).transpose()?;
     let watermark = match &spec.watermark {
         Some(w) => {
             let wm = Watermark {
                 high_percent: w.high_percent,
                 low_percent: w.low_percent,
             };
-            prune::validate_watermark(&wm).map_err(|e| e.to_string())?;
+            prune::validate_watermark(&wm)?;
             Some(wm)
         }
         None => None,
     };
-    let duration = |field: &str, value: &Option<String>| {
+    let duration = |field: &'static str, value: &Option<String>| {
         value
             .as_deref()
             .map(schedule::parse_duration)
             .transpose()
-            .map_err(|e| format!("{field}: {e}"))
+            .map_err(|source| PolicyError::Duration { field, source })
     };
-    let selection = Selection {
+    let selection = Criteria {
         unused_for: duration("unusedFor", &spec.unused_for)?,
         older_than: duration("olderThan", &spec.older_than)?,
         include: spec.include.clone(),
@@ -71,7 +91,7 @@ pub fn compile(spec: &ImagePrunePolicySpec, protections: &Protections) -> Result
                 .min(DEFAULT_MAX_IMAGES_PER_RUN),
         ),
     };
-    let selector = Selector::new(&selection, protections).map_err(|e| e.to_string())?;
+    let selector = Selector::new(&selection, protections)?;
     Ok(Compiled {
         schedule,
         watermark,
@@ -127,7 +147,9 @@ mod tests {
     }
 
     fn err(json: serde_json::Value) -> String {
-        compile(&spec(json), &Protections::default()).unwrap_err()
+        compile(&spec(json), &Protections::default())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -183,7 +205,8 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(bad.contains('{'), "{bad}");
+        assert!(matches!(bad, PolicyError::Prune(_)), "{bad:?}");
+        assert!(bad.to_string().contains('{'), "{bad}");
     }
 
     #[test]

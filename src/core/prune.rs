@@ -74,9 +74,10 @@ impl Candidate {
     }
 }
 
-/// The selection part of an ImagePrunePolicy.
+/// What an ImagePrunePolicy selects (its criteria; `manifest::Selection` is another thing:
+/// the manifest chosen for a platform).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Selection {
+pub struct Criteria {
     /// Only images unused for at least this many seconds.
     pub unused_for: Option<i64>,
     /// Only images created at least this many seconds ago.
@@ -121,9 +122,10 @@ pub struct Usage {
 }
 
 /// Why a policy or watermark cannot be used. Nothing is selected with it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PruneError {
     /// A glob that does not parse.
+    #[error("invalid {field} glob {glob:?}: {reason}")]
     InvalidGlob {
         /// Which list it is in (`include`, `exclude`, `protections`).
         field: &'static str,
@@ -133,6 +135,7 @@ pub enum PruneError {
         reason: String,
     },
     /// A duration below zero.
+    #[error("{field} must not be negative (got {seconds}s)")]
     NegativeDuration {
         /// Which duration (`unusedFor`, `olderThan`).
         field: &'static str,
@@ -140,6 +143,7 @@ pub enum PruneError {
         seconds: i64,
     },
     /// Watermarks that do not satisfy `low < high <= 100`.
+    #[error("invalid watermarks high {high}% low {low}%: need low < high <= 100")]
     InvalidWatermark {
         /// The high watermark, in percent.
         high: u8,
@@ -147,27 +151,6 @@ pub enum PruneError {
         low: u8,
     },
 }
-
-impl fmt::Display for PruneError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PruneError::InvalidGlob {
-                field,
-                glob,
-                reason,
-            } => write!(f, "invalid {field} glob {glob:?}: {reason}"),
-            PruneError::NegativeDuration { field, seconds } => {
-                write!(f, "{field} must not be negative (got {seconds}s)")
-            }
-            PruneError::InvalidWatermark { high, low } => write!(
-                f,
-                "invalid watermarks high {high}% low {low}%: need low < high <= 100"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for PruneError {}
 
 /// A list of globs compiled once, remembering each glob's text for reports.
 #[derive(Clone, Debug)]
@@ -286,7 +269,7 @@ pub struct Selector {
 impl Selector {
     /// Validates and compiles `selection` and `protections`: every glob must parse and be
     /// non-empty, durations must not be negative.
-    pub fn new(selection: &Selection, protections: &Protections) -> Result<Selector, PruneError> {
+    pub fn new(selection: &Criteria, protections: &Protections) -> Result<Selector, PruneError> {
         for (field, value) in [
             ("unusedFor", selection.unused_for),
             ("olderThan", selection.older_than),
@@ -482,7 +465,7 @@ impl fmt::Display for SkipReason {
 
 /// An image not chosen, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Skipped {
+pub struct Kept {
     /// The image ID.
     pub id: String,
     /// Why it is kept.
@@ -495,7 +478,7 @@ pub struct Choice {
     /// The images to remove, in removal order.
     pub chosen: Vec<Chosen>,
     /// The other images, by ID.
-    pub skipped: Vec<Skipped>,
+    pub skipped: Vec<Kept>,
     /// Sum of the chosen sizes (negative sizes count as 0).
     pub bytes: i64,
 }
@@ -642,7 +625,7 @@ pub fn select(
         if ids.insert(c.id.as_str()) {
             unique.push(c);
         } else {
-            choice.skipped.push(Skipped {
+            choice.skipped.push(Kept {
                 id: c.id.clone(),
                 reason: SkipReason::Duplicate,
             });
@@ -661,7 +644,7 @@ pub fn select(
             })
         });
         match reason {
-            Some(reason) => choice.skipped.push(Skipped {
+            Some(reason) => choice.skipped.push(Kept {
                 id: c.id.clone(),
                 reason,
             }),
@@ -681,7 +664,7 @@ pub fn select(
             _ => None,
         };
         match reason {
-            Some(reason) => choice.skipped.push(Skipped {
+            Some(reason) => choice.skipped.push(Kept {
                 id: c.id.clone(),
                 reason,
             }),
@@ -793,7 +776,7 @@ mod tests {
         }
     }
 
-    fn selector(selection: Selection) -> Selector {
+    fn selector(selection: Criteria) -> Selector {
         Selector::new(&selection, &Protections::default()).expect("valid selection")
     }
 
@@ -829,7 +812,7 @@ mod tests {
                 ..cand(5, &["docker.io/library/b:1"])
             },
         ];
-        let c = select(&cands, &selector(Selection::default()), NOW, None);
+        let c = select(&cands, &selector(Criteria::default()), NOW, None);
         assert_eq!(chosen_ids(&c), [id(1), id(2)]);
         assert_eq!(c.bytes, 200);
         assert_eq!(reason_of(&c, &id(3)), SkipReason::Pinned);
@@ -841,7 +824,7 @@ mod tests {
 
     #[test]
     fn nothing_in_nothing_out() {
-        let c = select(&[], &selector(Selection::default()), NOW, Some(1000));
+        let c = select(&[], &selector(Criteria::default()), NOW, Some(1000));
         assert_eq!(c, Choice::default());
     }
 
@@ -856,9 +839,9 @@ mod tests {
             at(NOW - 7 * DAY + 1),
             at(NOW - 7 * DAY - 1),
         ];
-        let s = selector(Selection {
+        let s = selector(Criteria {
             unused_for: Some(7 * DAY),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let c = select(&cands, &s, NOW, None);
         // Least recently used first.
@@ -875,9 +858,9 @@ mod tests {
             }
         );
         // Zero means any past use qualifies, and a use right now too.
-        let zero = selector(Selection {
+        let zero = selector(Criteria {
             unused_for: Some(0),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let now_used = Candidate {
             last_used: Some(NOW),
@@ -888,9 +871,9 @@ mod tests {
 
     #[test]
     fn missing_last_use_counts_as_used_when_first_seen() {
-        let s = selector(Selection {
+        let s = selector(Criteria {
             unused_for: Some(7 * DAY),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let fresh = Candidate {
             first_seen: NOW - DAY,
@@ -929,9 +912,9 @@ mod tests {
 
     #[test]
     fn older_than_uses_created_or_first_seen_inclusively() {
-        let s = selector(Selection {
+        let s = selector(Criteria {
             older_than: Some(30 * DAY),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let cands = [
             Candidate {
@@ -975,10 +958,10 @@ mod tests {
 
     #[test]
     fn both_ages_must_hold() {
-        let s = selector(Selection {
+        let s = selector(Criteria {
             unused_for: Some(DAY),
             older_than: Some(10 * DAY),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let young_but_unused = Candidate {
             created: Some(NOW - 5 * DAY),
@@ -1000,7 +983,7 @@ mod tests {
     fn images_younger_than_the_minimum_age_are_never_chosen() {
         let now = 1_000_000;
         let s = Selector::new(
-            &Selection::default(),
+            &Criteria::default(),
             &Protections {
                 min_image_age: 120,
                 ..Default::default()
@@ -1042,10 +1025,10 @@ mod tests {
 
     #[test]
     fn extreme_times_do_not_overflow() {
-        let s = selector(Selection {
+        let s = selector(Criteria {
             unused_for: Some(i64::MAX),
             older_than: Some(i64::MAX),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let ancient = Candidate {
             created: Some(i64::MIN),
@@ -1067,7 +1050,7 @@ mod tests {
                 .chosen
                 .is_empty()
         );
-        let c = select(&[ancient, future], &selector(Selection::default()), 0, None);
+        let c = select(&[ancient, future], &selector(Criteria::default()), 0, None);
         assert_eq!(chosen_ids(&c), [id(1), id(2)]);
         assert!(c.chosen[0].reason.starts_with("unused for "), "{c:?}");
     }
@@ -1081,9 +1064,9 @@ mod tests {
             cand(4, &[&id(4)]),
             cand(5, &[]),
         ];
-        let s = selector(Selection {
+        let s = selector(Criteria {
             include: strings(&["*/nginx:*"]),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let c = select(&cands, &s, NOW, None);
         assert_eq!(chosen_ids(&c), [id(1), id(2)]);
@@ -1091,22 +1074,22 @@ mod tests {
             assert_eq!(reason_of(&c, &id(n)), SkipReason::NotIncluded);
         }
         // `*` is about repositories: a dangling image (its ID record only) is not included.
-        let all = selector(Selection {
+        let all = selector(Criteria {
             include: strings(&["*"]),
-            ..Selection::default()
+            ..Criteria::default()
         });
         assert_eq!(
             chosen_ids(&select(&cands, &all, NOW, None)),
             [id(1), id(2), id(3)]
         );
         // Neither is it by an ID glob; only the empty include list takes it.
-        let by_id = selector(Selection {
+        let by_id = selector(Criteria {
             include: strings(&["sha256:*"]),
-            ..Selection::default()
+            ..Criteria::default()
         });
         assert!(select(&cands, &by_id, NOW, None).chosen.is_empty());
         assert_eq!(
-            select(&cands, &selector(Selection::default()), NOW, None)
+            select(&cands, &selector(Criteria::default()), NOW, None)
                 .chosen
                 .len(),
             5
@@ -1120,9 +1103,9 @@ mod tests {
             cand(2, &["localhost:5000/team/app:pr-12"]),
             cand(3, &["ghcr.io/org/tool@sha256:abcd"]),
         ];
-        let s = selector(Selection {
+        let s = selector(Criteria {
             include: strings(&["docker.io/*", "{localhost:5000,ghcr.io}/**/*:pr-*"]),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let c = select(&cands, &s, NOW, None);
         assert_eq!(chosen_ids(&c), [id(1), id(2)]);
@@ -1149,9 +1132,9 @@ mod tests {
             exclude: strings(&["registry.k8s.io/pause:*", "ghcr.io/imagegc/*"]),
             ..Default::default()
         };
-        let selection = Selection {
+        let selection = Criteria {
             exclude: strings(&["*:latest", "*:1.25", "docker.io/library/redis*"]),
-            ..Selection::default()
+            ..Criteria::default()
         };
         let s = Selector::new(&selection, &protections).unwrap();
         let c = select(&cands, &s, NOW, None);
@@ -1183,7 +1166,7 @@ mod tests {
         // An image can be protected by its ID even without an ID record.
         let short = &id(5)[..12];
         let by_id = Selector::new(
-            &Selection::default(),
+            &Criteria::default(),
             &Protections {
                 exclude: vec![format!("{short}*")],
                 ..Default::default()
@@ -1202,10 +1185,10 @@ mod tests {
 
     #[test]
     fn exclude_wins_over_include() {
-        let s = selector(Selection {
+        let s = selector(Criteria {
             include: strings(&["docker.io/*"]),
             exclude: strings(&["docker.io/library/nginx:*"]),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let c = select(
             &[
@@ -1222,13 +1205,13 @@ mod tests {
 
     #[test]
     fn invalid_globs_and_durations_are_errors_before_selecting() {
-        let bad = |selection: Selection, protections: Protections| {
+        let bad = |selection: Criteria, protections: Protections| {
             Selector::new(&selection, &protections).unwrap_err()
         };
         let err = bad(
-            Selection {
+            Criteria {
                 include: strings(&["docker.io/*", "[abc"]),
-                ..Selection::default()
+                ..Criteria::default()
             },
             Protections::default(),
         );
@@ -1241,9 +1224,9 @@ mod tests {
             "invalid include glob \"[abc\": unclosed character class; missing ']'"
         );
         let err = bad(
-            Selection {
+            Criteria {
                 exclude: strings(&["a{b"]),
-                ..Selection::default()
+                ..Criteria::default()
             },
             Protections::default(),
         );
@@ -1258,7 +1241,7 @@ mod tests {
             "{err:?}"
         );
         let err = bad(
-            Selection::default(),
+            Criteria::default(),
             Protections {
                 exclude: strings(&["ok/*", "[z-a]"]),
                 ..Default::default()
@@ -1269,17 +1252,17 @@ mod tests {
             "{err:?}"
         );
         let err = bad(
-            Selection {
+            Criteria {
                 include: strings(&[" "]),
-                ..Selection::default()
+                ..Criteria::default()
             },
             Protections::default(),
         );
         assert!(err.to_string().contains("empty"), "{err}");
         let err = bad(
-            Selection {
+            Criteria {
                 older_than: Some(-1),
-                ..Selection::default()
+                ..Criteria::default()
             },
             Protections::default(),
         );
@@ -1292,9 +1275,9 @@ mod tests {
         );
         assert_eq!(err.to_string(), "olderThan must not be negative (got -1s)");
         let err = bad(
-            Selection {
+            Criteria {
                 unused_for: Some(-5),
-                ..Selection::default()
+                ..Criteria::default()
             },
             Protections::default(),
         );
@@ -1366,9 +1349,9 @@ mod tests {
             created(4, 20, &["docker.io/library/app:4"]),
             created(5, 5, &["docker.io/library/other:1"]),
         ];
-        let s = selector(Selection {
+        let s = selector(Criteria {
             keep_newest: Some(2),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let c = select(&cands, &s, NOW, None);
         assert_eq!(chosen_ids(&c), [id(1), id(4)]);
@@ -1386,9 +1369,9 @@ mod tests {
             "kept as one of the 2 newest of docker.io/library/other"
         );
         // Zero keeps nothing.
-        let zero = selector(Selection {
+        let zero = selector(Criteria {
             keep_newest: Some(0),
-            ..Selection::default()
+            ..Criteria::default()
         });
         assert_eq!(select(&cands, &zero, NOW, None).chosen.len(), 5);
     }
@@ -1402,9 +1385,9 @@ mod tests {
             },
             created(2, 40, &["docker.io/library/app:2"]),
         ];
-        let s = selector(Selection {
+        let s = selector(Criteria {
             keep_newest: Some(1),
-            ..Selection::default()
+            ..Criteria::default()
         });
         assert_eq!(chosen_ids(&select(&cands, &s, NOW, None)), [id(2)]);
     }
@@ -1421,9 +1404,9 @@ mod tests {
             // A dangling image belongs to no repository.
             created(5, 99, &[&id(5)]),
         ];
-        let s = selector(Selection {
+        let s = selector(Criteria {
             keep_newest: Some(1),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let c = select(&cands, &s, NOW, None);
         // Equal last use and size: by ID.
@@ -1451,9 +1434,9 @@ mod tests {
             created(2, 40, &["x.io/b:2"]),
             created(3, 30, &["x.io/b:3"]),
         ];
-        let s = selector(Selection {
+        let s = selector(Criteria {
             keep_newest: Some(2),
-            ..Selection::default()
+            ..Criteria::default()
         });
         assert_eq!(chosen_ids(&select(&cands, &s, NOW, None)), [id(3)]);
     }
@@ -1472,11 +1455,11 @@ mod tests {
             created(3, 10, &["docker.io/library/app:1"]),
             created(4, 25, &["docker.io/library/app:excluded"]),
         ];
-        let s = selector(Selection {
+        let s = selector(Criteria {
             keep_newest: Some(2),
             exclude: strings(&["*:excluded"]),
             include: strings(&["*:1", "*:2", "*:3"]),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let c = select(&cands, &s, NOW, None);
         // The in-use and the excluded images are the two newest: image 3 is not kept.
@@ -1505,7 +1488,7 @@ mod tests {
                 ..cand(6, &["docker.io/library/a:1"])
             },
         ];
-        let c = select(&cands, &selector(Selection::default()), NOW, None);
+        let c = select(&cands, &selector(Criteria::default()), NOW, None);
         assert_eq!(chosen_ids(&c), [id(6), id(3), id(5), id(2), id(4), id(1)]);
         assert_eq!(c.bytes, 10 + 10 + 500 + 99 + 500 + 1);
     }
@@ -1518,18 +1501,18 @@ mod tests {
                 ..cand(n, &["docker.io/library/a:1"])
             })
             .collect();
-        let s = selector(Selection {
+        let s = selector(Criteria {
             max_images: Some(2),
-            ..Selection::default()
+            ..Criteria::default()
         });
         let c = select(&cands, &s, NOW, None);
         assert_eq!(chosen_ids(&c), [id(1), id(2)]);
         for n in 3..=5 {
             assert_eq!(reason_of(&c, &id(n)), SkipReason::CapReached { max: 2 });
         }
-        let zero = selector(Selection {
+        let zero = selector(Criteria {
             max_images: Some(0),
-            ..Selection::default()
+            ..Criteria::default()
         });
         assert!(select(&cands, &zero, NOW, None).chosen.is_empty());
     }
@@ -1543,7 +1526,7 @@ mod tests {
                 ..cand(n, &["docker.io/library/a:1"])
             })
             .collect();
-        let s = selector(Selection::default());
+        let s = selector(Criteria::default());
         // 100 + 200 = 300 < 301; + 300 = 600 >= 301.
         let c = select(&cands, &s, NOW, Some(301));
         assert_eq!(chosen_ids(&c), [id(1), id(2), id(3)]);
@@ -1568,9 +1551,9 @@ mod tests {
             assert_eq!(c.skipped.len(), 4);
         }
         // The cap applies together with the target.
-        let capped = selector(Selection {
+        let capped = selector(Criteria {
             max_images: Some(1),
-            ..Selection::default()
+            ..Criteria::default()
         });
         assert_eq!(
             chosen_ids(&select(&cands, &capped, NOW, Some(301))),
@@ -1583,14 +1566,14 @@ mod tests {
         let a = cand(1, &["docker.io/library/a:1"]);
         let c = select(
             &[a.clone(), a.clone()],
-            &selector(Selection::default()),
+            &selector(Criteria::default()),
             NOW,
             None,
         );
         assert_eq!(chosen_ids(&c), [id(1)]);
         assert_eq!(
             c.skipped,
-            vec![Skipped {
+            vec![Kept {
                 id: id(1),
                 reason: SkipReason::Duplicate,
             }]
@@ -1599,7 +1582,7 @@ mod tests {
 
     #[test]
     fn chosen_reasons_say_why_in_words() {
-        let s = selector(Selection::default());
+        let s = selector(Criteria::default());
         let mk = |created: Option<i64>, last_used: Option<i64>| Candidate {
             created,
             last_used,
@@ -1737,7 +1720,7 @@ mod tests {
                 ..cand(2, &[])
             },
         ];
-        let c = select(&cands, &selector(Selection::default()), NOW, None);
+        let c = select(&cands, &selector(Criteria::default()), NOW, None);
         let ids: Vec<&str> = c.skipped.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(ids, [id(1), id(2), id(3)]);
     }
@@ -1917,7 +1900,7 @@ mod tests {
                 .prop_map(|v| v.into_iter().map(String::from).collect())
         }
 
-        fn gen_selection() -> impl Strategy<Value = (Selection, Protections)> {
+        fn gen_selection() -> impl Strategy<Value = (Criteria, Protections)> {
             (
                 proptest::option::of(0i64..60),
                 proptest::option::of(0i64..60),
@@ -1930,7 +1913,7 @@ mod tests {
                 .prop_map(
                     |(unused_for, older_than, include, exclude, protected, keep_newest, max)| {
                         (
-                            Selection {
+                            Criteria {
                                 unused_for,
                                 older_than,
                                 include,

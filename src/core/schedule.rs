@@ -3,7 +3,6 @@
 //! and the durations policies are written in (`7d`, `36h`). Pure: times are Unix seconds and
 //! "now" is a parameter.
 
-use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
@@ -16,16 +15,35 @@ pub struct Schedule {
 }
 
 /// Why a schedule or a duration cannot be used.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ScheduleError(String);
-
-impl fmt::Display for ScheduleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// Neither 5 fields nor a macro.
+    #[error(
+        "schedule {expr:?} has {fields} fields; write 5 (minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\") or a macro such as @daily"
+    )]
+    Fields {
+        /// The schedule as written (trimmed).
+        expr: String,
+        /// How many fields it has.
+        fields: usize,
+    },
+    /// 5 fields that are not valid cron.
+    #[error("schedule {expr:?} is not valid cron: {reason}")]
+    Cron {
+        /// The schedule as written (trimmed).
+        expr: String,
+        /// What the cron parser said.
+        reason: String,
+    },
+    /// A duration that is not whole numbers with units.
+    #[error(
+        "duration {value:?} is not valid: write whole numbers with d, h, m or s, e.g. 7d or 1d12h"
+    )]
+    Duration {
+        /// The duration as written.
+        value: String,
+    },
 }
-
-impl std::error::Error for ScheduleError {}
 
 /// The macros a schedule may be instead of 5 fields.
 const MACROS: [&str; 6] = [
@@ -47,12 +65,15 @@ impl Schedule {
         let fields = expr.split_whitespace().count();
         let is_macro = MACROS.contains(&expr);
         if !is_macro && fields != 5 {
-            return Err(ScheduleError(format!(
-                "schedule {expr:?} has {fields} fields; write 5 (minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\") or a macro such as @daily"
-            )));
+            return Err(ScheduleError::Fields {
+                expr: expr.to_string(),
+                fields,
+            });
         }
-        let cron = Cron::from_str(expr)
-            .map_err(|e| ScheduleError(format!("schedule {expr:?} is not valid cron: {e}")))?;
+        let cron = Cron::from_str(expr).map_err(|e| ScheduleError::Cron {
+            expr: expr.to_string(),
+            reason: e.to_string(),
+        })?;
         Ok(Schedule { cron })
     }
 
@@ -109,10 +130,8 @@ pub fn next_run(
 
 /// Parses a duration written as whole numbers with units: `7d`, `36h`, `1d12h`, `90m`, `30s`.
 pub fn parse_duration(s: &str) -> Result<i64, ScheduleError> {
-    let bad = || {
-        ScheduleError(format!(
-            "duration {s:?} is not valid: write whole numbers with d, h, m or s, e.g. 7d or 1d12h"
-        ))
+    let bad = || ScheduleError::Duration {
+        value: s.to_string(),
     };
     if s.is_empty() {
         return Err(bad());
