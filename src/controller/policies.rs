@@ -1,10 +1,12 @@
 //! The shell around [`super::policy_fold`]: folds every ImagePrunePolicy whenever a policy, a
 //! report or a Node's labels change (at most once per debounce interval), writes the status
-//! that changed, and publishes a Warning Event when a policy becomes invalid.
+//! that changed, and publishes a Warning Event when a policy becomes invalid. A pass whose
+//! write failed is retried with backoff, not only at the next change.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
@@ -13,7 +15,7 @@ use tokio::sync::Notify;
 use super::{Debounce, Metrics, RESYNC, Stores, Synced, policy_fold};
 use crate::api::{ImagePrunePolicy, ImagePrunePolicyStatus, READY};
 use crate::events::{Publisher, Severity};
-use crate::serve::Shutdown;
+use crate::serve::{Shutdown, backoff};
 
 /// What the policy loop reads and writes with.
 pub(super) struct PolicyLoop {
@@ -38,6 +40,29 @@ fn ready_status(status: Option<&ImagePrunePolicyStatus>) -> Option<String> {
         .map(|c| c.status.clone())
 }
 
+/// The `Ready` condition of `after` if it says the policy just became invalid (it was not
+/// `False` in `before`): what a Warning Event reports.
+fn newly_invalid<'a>(
+    before: Option<&ImagePrunePolicyStatus>,
+    after: &'a ImagePrunePolicyStatus,
+) -> Option<&'a Condition> {
+    let was = ready_status(before);
+    if ready_status(Some(after)).as_deref() != Some("False") || was.as_deref() == Some("False") {
+        return None;
+    }
+    after.conditions.iter().find(|c| c.type_ == READY)
+}
+
+/// How long the loop sleeps at most after a pass: the resync period, or the backoff after
+/// `failed` consecutive passes with a failed write.
+fn resync_after(failed: u32) -> Duration {
+    if failed == 0 {
+        RESYNC
+    } else {
+        backoff(failed).min(RESYNC)
+    }
+}
+
 impl PolicyLoop {
     /// Runs until `shutdown`.
     pub(super) async fn run(self, mut shutdown: Shutdown) {
@@ -45,12 +70,13 @@ impl PolicyLoop {
             _ = shutdown.wait() => return,
             _ = self.synced.wait_for(Synced::ALL | Synced::POLICIES) => {}
         }
+        let mut failed = 0;
         loop {
-            self.pass().await;
+            failed = if self.pass().await { 0 } else { failed + 1 };
             tokio::select! {
                 _ = shutdown.wait() => return,
                 _ = self.changed.notified() => {}
-                _ = tokio::time::sleep(RESYNC) => {}
+                _ = tokio::time::sleep(resync_after(failed)) => {}
             }
             tokio::select! {
                 _ = shutdown.wait() => return,
@@ -65,11 +91,13 @@ impl PolicyLoop {
         self.debounce.interval(nodes)
     }
 
-    /// Folds every policy and writes the statuses that changed.
-    async fn pass(&self) {
+    /// Folds every policy and writes the statuses that changed. Returns whether every write
+    /// succeeded.
+    async fn pass(&self) -> bool {
         let now = Timestamp::from_second(Timestamp::now().as_second())
             .unwrap_or_else(|_| Timestamp::now());
         let (nodes, reports) = (self.stores.nodes.state(), self.stores.reports.state());
+        let mut ok = true;
         for policy in self.policies.state() {
             if policy.meta().deletion_timestamp.is_some() {
                 continue;
@@ -85,41 +113,77 @@ impl PolicyLoop {
             if policy.status.as_ref() == Some(&status) {
                 continue;
             }
-            let name = policy.name_any();
-            match super::apply_status::<ImagePrunePolicy>(&self.client, &name, &status).await {
-                Ok(_) => {
-                    self.metrics.policy_status_writes.inc();
-                    tracing::info!(
-                        policy = %name,
-                        targets = status.target_nodes,
-                        evaluated = status.nodes_evaluated,
-                        removed = status.images_removed,
-                        bytes_freed = status.bytes_freed,
-                        "policy status written"
-                    );
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 => continue,
-                Err(e) => {
-                    tracing::warn!(policy = %name, error = %e, "writing the policy status failed; retrying at the next change");
-                    continue;
-                }
+            ok &= self.write(&policy, &status).await;
+        }
+        ok
+    }
+
+    /// Writes one policy's status, and publishes a Warning Event if it just became invalid.
+    /// Returns whether the write succeeded (a deleted policy counts as success).
+    async fn write(&self, policy: &ImagePrunePolicy, status: &ImagePrunePolicyStatus) -> bool {
+        let name = policy.name_any();
+        match super::apply_status::<ImagePrunePolicy>(&self.client, &name, status).await {
+            Ok(_) => {
+                self.metrics.policy_status_writes.inc();
+                tracing::info!(
+                    policy = %name,
+                    targets = status.target_nodes,
+                    evaluated = status.nodes_evaluated,
+                    removed = status.images_removed,
+                    bytes_freed = status.bytes_freed,
+                    "policy status written"
+                );
             }
-            let before = ready_status(policy.status.as_ref());
-            if ready_status(Some(&status)).as_deref() == Some("False")
-                && before.as_deref() != Some("False")
-                && let Some(c) = status.conditions.iter().find(|c| c.type_ == READY)
-            {
-                self.publisher
-                    .publish(
-                        &*policy,
-                        Severity::Warning,
-                        &c.reason,
-                        "Validate",
-                        &c.message,
-                    )
-                    .await;
-                self.metrics.events.inc();
+            Err(kube::Error::Api(e)) if e.code == 404 => return true,
+            Err(e) => {
+                tracing::warn!(policy = %name, error = %e, "writing the policy status failed; retrying with backoff");
+                return false;
             }
         }
+        if let Some(c) = newly_invalid(policy.status.as_ref(), status) {
+            self.publisher
+                .publish(policy, Severity::Warning, &c.reason, "Validate", &c.message)
+                .await;
+            self.metrics.events.inc();
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn status(ready: &str) -> ImagePrunePolicyStatus {
+        ImagePrunePolicyStatus {
+            conditions: vec![Condition {
+                type_: READY.into(),
+                status: ready.into(),
+                reason: "InvalidSpec".into(),
+                message: "bad".into(),
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+                observed_generation: None,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_transition_to_invalid_is_reported() {
+        let (ok, bad) = (status("True"), status("False"));
+        assert!(newly_invalid(None, &bad).is_some());
+        assert!(newly_invalid(Some(&ok), &bad).is_some());
+        assert!(newly_invalid(Some(&bad), &bad).is_none(), "already invalid");
+        assert!(newly_invalid(Some(&bad), &ok).is_none());
+        assert!(newly_invalid(None, &ok).is_none());
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_with_backoff() {
+        assert_eq!(resync_after(0), RESYNC);
+        assert_eq!(resync_after(1), Duration::from_secs(1));
+        assert_eq!(resync_after(3), Duration::from_secs(4));
+        assert_eq!(resync_after(40), RESYNC);
     }
 }
