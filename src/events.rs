@@ -2,6 +2,11 @@
 //!
 //! Events are namespaced; like the kubelet's Events about Nodes, Events about a cluster-scoped
 //! object go to the `default` namespace, where `kubectl describe` and `kubectl events` find them.
+//!
+//! Not kube-runtime's `Recorder`, which writes the same Events but turns a repeat within six
+//! minutes into a PATCH of an Event series: that needs `patch` on Events, which the chart does
+//! not grant (only `create`, in `default` only), and imagegc publishes one Event per failure
+//! streak or terminal transition, so there is nothing to aggregate.
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;

@@ -3,6 +3,11 @@
 //! A typed watch fails its whole listing when one stored object does not decode (say, left by
 //! an older version with a different schema), and retries forever. These watches decode each
 //! object on its own: one that does not decode is logged and left out; the rest flow.
+//!
+//! Not kube's `DeserializeGuard` (yet): with it, the reflector stores of both processes would
+//! hold `Result`s that every reader (the agent's pass, the controller's folds and mappers)
+//! unwraps, for the sake of reporting an undecodable object in its own status, which its
+//! schema-checked spec makes rare; a malformed object is logged by name instead.
 
 use std::fmt::Debug;
 
