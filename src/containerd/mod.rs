@@ -115,11 +115,6 @@ impl Runtime {
         &self.socket
     }
 
-    /// The shared channel (for other clients on the same socket, such as the CRI API).
-    pub fn channel(&self) -> Channel {
-        self.channel.clone()
-    }
-
     fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         r.metadata_mut()

@@ -203,11 +203,6 @@ impl Connector {
         }
     }
 
-    /// The socket given, if any.
-    pub fn socket(&self) -> Option<&Path> {
-        self.socket.as_deref()
-    }
-
     /// Connects: probes the given socket, or the known ones, picks the backend and logs the
     /// choice and why (at `info` when `verbose`, else `debug`).
     pub async fn connect(&self, verbose: bool) -> Result<Runtime, RuntimeError> {
@@ -267,14 +262,6 @@ impl Runtime {
         match self {
             Runtime::Containerd(_) => Backend::Containerd.as_str(),
             Runtime::Cri(_) => Backend::Cri.as_str(),
-        }
-    }
-
-    /// The socket.
-    pub fn socket(&self) -> &Path {
-        match self {
-            Runtime::Containerd(rt) => rt.socket(),
-            Runtime::Cri(rt) => rt.socket(),
         }
     }
 
