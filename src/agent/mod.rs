@@ -9,6 +9,12 @@
 //! Idempotent: a removal is executed once per UID and generation; the report records which,
 //! so a restarted agent skips what is done and finishes what an interruption left (the
 //! engine's plan resumes records marked pending).
+//!
+//! One pass (`Agent::reconcile`) is a sequence of named steps over state split by concern:
+//! [`removals`] (which removals are due, one execution, what is remembered), [`policies`]
+//! (which policies are due, one run), `connection` (the runtime connection and readiness) and
+//! the inventory; [`report`] holds what the report becomes. Each decision is a pure function
+//! tested without a cluster.
 
 mod connection;
 mod metrics;
