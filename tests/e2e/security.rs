@@ -458,7 +458,7 @@ fn bound_to(kind: &str, name: &str, uid: &str) -> Option<BoundObjectReference> {
 /// The admission policy accepts a NodeImageReport write from the agent's ServiceAccount only
 /// with a token bound to a pod of the agent DaemonSet, and only for that pod's node. Tried with
 /// every kind of token someone allowed to mint tokens for the account (`kubectl create token`)
-/// could get: bound to a Node (it names the node, but no pod: the attack), bound to a
+/// could get: bound to a Node (it names the node, but no pod: the attack this test exists for), bound to a
 /// pod of another workload that uses the account, bound to a pod named almost like an agent
 /// pod, unbound; and the real thing, for its own node and another.
 ///
