@@ -38,6 +38,13 @@ where
     })
 }
 
+/// Clears an object's managedFields before a reflector stores it: nothing in imagegc reads them,
+/// and they are a large share of every cached object (the controller's memory grows with the
+/// node count).
+pub fn drop_managed_fields<K: Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
+}
+
 /// Decodes one object as `K`; `None` (logged) when it does not fit `K`'s shape.
 pub fn decode<K>(object: DynamicObject) -> Option<K>
 where

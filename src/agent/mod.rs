@@ -410,7 +410,7 @@ where
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, events)
-        .modify(|o| o.managed_fields_mut().clear())
+        .modify(crate::watch::drop_managed_fields)
         .default_backoff();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

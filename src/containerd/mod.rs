@@ -261,16 +261,8 @@ impl Runtime {
             listed: start.elapsed(),
             ..ReadStats::default()
         };
-        let recorded = match *matcher == Matcher::only(Platform::host()) {
-            true => inventory::cri_recorded_ids(&records, target_key),
-            false => BTreeMap::new(),
-        };
-        let mut targets: BTreeMap<String, &Descriptor> = BTreeMap::new();
-        for record in &records {
-            targets
-                .entry(target_key(&record.target))
-                .or_insert(&record.target);
-        }
+        let recorded = recorded_ids(&records, matcher);
+        let targets = distinct_targets(&records);
         let mut selected: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
         for (k, target) in &targets {
             if let Some(sel) = recorded
@@ -471,17 +463,8 @@ impl Runtime {
             listed: start.elapsed(),
             ..ReadStats::default()
         };
-        // The CRI plugin records IDs for its default platform only.
-        let recorded = match *matcher == Matcher::only(Platform::host()) {
-            true => inventory::cri_recorded_ids(&records, target_key),
-            false => BTreeMap::new(),
-        };
-        let mut targets: BTreeMap<String, &Descriptor> = BTreeMap::new();
-        for record in &records {
-            targets
-                .entry(target_key(&record.target))
-                .or_insert(&record.target);
-        }
+        let recorded = recorded_ids(&records, matcher);
+        let targets = distinct_targets(&records);
         let mut read: BTreeMap<String, Result<Selection, String>> = BTreeMap::new();
         let unknown: Vec<&String> = targets
             .keys()
@@ -708,6 +691,26 @@ impl Runtime {
 /// The key of a target: a selection depends on the whole descriptor.
 fn target_key(d: &Descriptor) -> String {
     serde_json::to_string(d).unwrap_or_default()
+}
+
+/// Each record's ID as the CRI plugin's `sha256:<id>` records claim it, keyed by target; the
+/// plugin records IDs for its default platform only, so none for another platform.
+fn recorded_ids(records: &[ImageRecord], matcher: &Matcher) -> BTreeMap<String, String> {
+    match *matcher == Matcher::only(Platform::host()) {
+        true => inventory::cri_recorded_ids(records, target_key),
+        false => BTreeMap::new(),
+    }
+}
+
+/// The distinct targets of `records`, keyed by [`target_key`].
+fn distinct_targets(records: &[ImageRecord]) -> BTreeMap<String, &Descriptor> {
+    let mut targets = BTreeMap::new();
+    for record in records {
+        targets
+            .entry(target_key(&record.target))
+            .or_insert(&record.target);
+    }
+    targets
 }
 
 /// The inventory of `records`, each selected as `read` says for its target, else as the CRI

@@ -492,7 +492,7 @@ where
         writer,
         crate::watch::tolerant::<K>(client.clone(), watcher::Config::default())
             .default_backoff()
-            .modify(drop_managed_fields),
+            .modify(crate::watch::drop_managed_fields),
     );
     (store, changes(events, synced.clone(), watch).boxed())
 }
@@ -513,7 +513,7 @@ fn watch_nodes(
             watcher::Config::default(),
         )
         .default_backoff()
-        .modify(drop_managed_fields),
+        .modify(crate::watch::drop_managed_fields),
     ));
     (
         store,
@@ -658,12 +658,6 @@ fn changes<K>(
             Err(e) => Some(Err(e)),
         })
     })
-}
-
-/// Clears an object's managedFields before the reflector stores it: nothing here reads them, and
-/// they are a large share of every cached report and removal (memory grows with the node count).
-fn drop_managed_fields<K: Resource>(object: &mut K) {
-    object.managed_fields_mut().clear();
 }
 
 /// Drops Node updates that leave the labels as they were: a Node's status changes every few

@@ -41,31 +41,6 @@ fn memory(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// User plus system CPU time of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').context("stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the ')'.
-    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
-}
-
-/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ), as `getconf CLK_TCK` reports it.
-fn ticks_per_second() -> Result<f64> {
-    let out = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .context("running getconf CLK_TCK")?;
-    ensure!(out.status.success(), "getconf CLK_TCK: {}", out.status);
-    let ticks: f64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .context("getconf CLK_TCK printed no number")?;
-    ensure!(ticks > 0.0, "getconf CLK_TCK printed {ticks}");
-    Ok(ticks)
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -108,12 +83,11 @@ async fn operator() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let agent_pid = op.agent_pid(0).context("agent pid")?;
     let (idle_rss, _) = memory(agent_pid)?;
-    let (cpu_before, idle_window) = (cpu_ticks(agent_pid)?, Instant::now());
+    let cpu_seconds = |pid| testbed::process::cpu_seconds(pid).context("agent CPU time");
+    let (cpu_before, idle_window) = (cpu_seconds(agent_pid)?, Instant::now());
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle_millicores = (cpu_ticks(agent_pid)? - cpu_before) as f64
-        / ticks_per_second()?
-        / idle_window.elapsed().as_secs_f64()
-        * 1000.0;
+    let idle_millicores =
+        (cpu_seconds(agent_pid)? - cpu_before) / idle_window.elapsed().as_secs_f64() * 1000.0;
 
     // Latency and writes: 50 removals of a one-image request, one after another.
     const RUNS: usize = 50;
