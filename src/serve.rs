@@ -6,8 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::CONTENT_TYPE;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -138,7 +144,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves `/metrics`, `/livez` and `/readyz` on a bound `listener` until `shutdown`.
+/// Serves `/metrics`, `/livez` and `/readyz` on a bound `listener` until `shutdown`, with
+/// hyper: one request per connection (what probes and scrapers need), the request head read
+/// within 10 s.
 pub async fn serve_on(
     listener: TcpListener,
     registry: Arc<Registry>,
@@ -151,90 +159,68 @@ pub async fn serve_on(
     loop {
         tokio::select! {
             _ = shutdown.wait() => return,
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a metrics connection failed");
-                        continue;
-                    }
-                };
-                let registry = registry.clone();
-                let health = health.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(10),
-                        answer(stream, &registry, &health),
-                    )
-                    .await;
-                });
-            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, registry.clone(), health.clone()));
+                }
+                Err(e) => tracing::warn!(error = %e, "accepting a metrics connection failed"),
+            },
         }
     }
 }
 
-/// Reads one request head and answers it; the connection is then closed.
-async fn answer(
-    mut stream: TcpStream,
-    registry: &Registry,
-    health: &Health,
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() > 8192 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
+/// Answers the one request of a connection.
+async fn answer(stream: TcpStream, registry: Arc<Registry>, health: Health) {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let (status, content_type, body) =
+            route(request.method(), request.uri().path(), &registry, &health);
+        let response = Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)));
+        async move { response }
+    });
+    let connection = http1::Builder::new()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "a metrics connection failed");
     }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = route(method, path, registry, health);
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    if method != "HEAD" {
-        stream.write_all(body.as_bytes()).await?;
-    }
-    stream.shutdown().await
 }
 
 fn route(
-    method: &str,
+    method: &Method,
     path: &str,
     registry: &Registry,
     health: &Health,
-) -> (&'static str, &'static str, String) {
+) -> (StatusCode, &'static str, String) {
     const TEXT: &str = "text/plain; charset=utf-8";
-    if method != "GET" && method != "HEAD" {
-        return ("405 Method Not Allowed", TEXT, "use GET\n".into());
+    if method != Method::GET && method != Method::HEAD {
+        return (StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n".into());
     }
     match path {
-        "/livez" => ("200 OK", TEXT, "ok\n".into()),
-        "/readyz" if health.is_ready() => ("200 OK", TEXT, "ok\n".into()),
-        "/readyz" => ("503 Service Unavailable", TEXT, "not ready\n".into()),
+        "/livez" => (StatusCode::OK, TEXT, "ok\n".into()),
+        "/readyz" if health.is_ready() => (StatusCode::OK, TEXT, "ok\n".into()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into()),
         "/metrics" => {
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, registry) {
                 Ok(()) => (
-                    "200 OK",
+                    StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     body,
                 ),
                 Err(_) => (
-                    "500 Internal Server Error",
+                    StatusCode::INTERNAL_SERVER_ERROR,
                     TEXT,
                     "encoding metrics failed\n".into(),
                 ),
             }
         }
         _ => (
-            "404 Not Found",
+            StatusCode::NOT_FOUND,
             TEXT,
             "not found: try /metrics, /livez or /readyz\n".into(),
         ),
@@ -261,20 +247,70 @@ mod tests {
         c.inc();
         registry.register("imagegc_test", "A test counter", c);
         let health = Health::default();
-        assert_eq!(route("GET", "/livez", &registry, &health).0, "200 OK");
         assert_eq!(
-            route("GET", "/readyz", &registry, &health).0,
-            "503 Service Unavailable"
+            route(&Method::GET, "/livez", &registry, &health).0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            route(&Method::GET, "/readyz", &registry, &health).0,
+            StatusCode::SERVICE_UNAVAILABLE
         );
         health.set_ready(true);
-        assert_eq!(route("GET", "/readyz", &registry, &health).0, "200 OK");
-        let (status, _, body) = route("GET", "/metrics", &registry, &health);
-        assert_eq!(status, "200 OK");
-        assert!(body.contains("imagegc_test_total 1"), "{body}");
-        assert_eq!(route("GET", "/nope", &registry, &health).0, "404 Not Found");
         assert_eq!(
-            route("POST", "/livez", &registry, &health).0,
-            "405 Method Not Allowed"
+            route(&Method::GET, "/readyz", &registry, &health).0,
+            StatusCode::OK
         );
+        let (status, _, body) = route(&Method::GET, "/metrics", &registry, &health);
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("imagegc_test_total 1"), "{body}");
+        assert_eq!(
+            route(&Method::GET, "/nope", &registry, &health).0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&Method::POST, "/livez", &registry, &health).0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_one_request_per_connection_over_a_socket() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (trigger, shutdown) = Shutdown::manual();
+        let health = Health::default();
+        health.set_ready(true);
+        let registry = Arc::new(Registry::default());
+        let server = tokio::spawn(serve_on(listener, registry, health, shutdown));
+        let ask = |request: &'static str| async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            // Ends only because the server closes the connection after one answer.
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        let live = ask("GET /livez HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(live.starts_with("HTTP/1.1 200 OK\r\n"), "{live}");
+        assert!(live.ends_with("\r\n\r\nok\n"), "{live}");
+        let head = ask("HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(
+            head.ends_with("\r\n\r\n"),
+            "a HEAD answer has no body: {head}"
+        );
+        let missing = ask("GET /metrics/x HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(
+            missing.starts_with("HTTP/1.1 404 Not Found\r\n"),
+            "{missing}"
+        );
+        let garbage = ask("NOT HTTP AT ALL\r\n\r\n").await;
+        assert!(
+            garbage.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{garbage}"
+        );
+        trigger.stop();
+        server.await.unwrap();
     }
 }
