@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use containerd_client::services::v1::{
-    DeleteImageRequest, GetImageRequest, Image, ListContainersRequest, ListContentRequest,
-    ListImagesRequest, ReadContentRequest, SubscribeRequest, UpdateImageRequest,
-    containers_client::ContainersClient, content_client::ContentClient,
-    events_client::EventsClient, images_client::ImagesClient, leases_client::LeasesClient,
+    DeleteImageRequest, Image, ListContainersRequest, ListContentRequest, ListImagesRequest,
+    ReadContentRequest, SubscribeRequest, UpdateImageRequest, containers_client::ContainersClient,
+    content_client::ContentClient, events_client::EventsClient, images_client::ImagesClient,
+    leases_client::LeasesClient,
 };
 use containerd_client::tonic::{
     Code, Request, Status, metadata::MetadataValue, transport::Channel,
@@ -532,25 +532,6 @@ impl Runtime {
             read.insert((*k).clone(), s);
         }
         Ok(())
-    }
-
-    /// Sets `key=value` on the image record `name` (other labels are kept). A record that is
-    /// already gone is not an error.
-    pub async fn set_label(&self, name: &str, key: &str, value: &str) -> Result<(), RuntimeError> {
-        let current = match ImagesClient::new(self.channel.clone())
-            .get(self.req(GetImageRequest {
-                name: name.to_string(),
-            }))
-            .await
-        {
-            Ok(resp) => resp.into_inner().image,
-            Err(s) if s.code() == Code::NotFound => return Ok(()),
-            Err(s) => return Err(call_err(format!("get image {name}"))(s)),
-        };
-        match current.and_then(image_record) {
-            Some(record) => self.label_record(&record, key, value).await,
-            None => Ok(()),
-        }
     }
 
     /// Sets `key=value` on `record` as listed (other labels are kept), in one call. A record

@@ -12,10 +12,6 @@ use crate::core::resolve::{Resolution, resolve};
 pub const PINNED_LABEL: &str = "io.cri-containerd.pinned";
 /// Value of [`PINNED_LABEL`] on a pinned image.
 pub const PINNED_VALUE: &str = "pinned";
-/// Label that earlier versions of imagegc put on the last record of each image they were
-/// about to remove. Records still carrying it (an interrupted run of such a version) are
-/// finished like journal entries.
-pub const PENDING_LABEL: &str = "imagegc.dev/removal-pending";
 /// Label that makes a containerd lease an imagegc journal (its value is the format version).
 pub const JOURNAL_LABEL: &str = "imagegc.dev/removal-journal";
 /// Prefix of a journal's entry labels: `imagegc.dev/pending.<n>` = a record name.
@@ -152,7 +148,7 @@ pub struct Inventory {
     /// Records that are not CRI images.
     pub skipped: Vec<Skipped>,
     /// Names of existing records an interrupted removal left to finish: listed in a
-    /// [`Journal`], or labelled [`PENDING_LABEL`] by an earlier version.
+    /// [`Journal`].
     pub pending: BTreeSet<String>,
     /// Every journal found, finished or not (see [`Inventory::add_journals`]).
     pub journals: Vec<Journal>,
@@ -195,9 +191,6 @@ impl Inventory {
         let mut inv = Inventory::default();
         let mut names: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for record in records {
-            if record.labels.contains_key(PENDING_LABEL) {
-                inv.pending.insert(record.name.clone());
-            }
             let selection = match selections.get(&record.name) {
                 Some(Ok(s)) => s,
                 Some(Err(reason)) => {
@@ -718,7 +711,7 @@ mod tests {
         let recs = records(&[
             ("docker.io/library/arm-only:1", &n, &[]),
             ("docker.io/library/nginx:1.25", &n, &[]),
-            ("docker.io/library/unread:1", &n, &[(PENDING_LABEL, "")]),
+            ("docker.io/library/unread:1", &n, &[]),
         ]);
         let reason = "no manifest in the image matches platform linux/amd64";
         let mut sel: SelectionMap = BTreeMap::new();
@@ -748,8 +741,16 @@ mod tests {
             inv.ref_to_id.keys().collect::<Vec<_>>(),
             vec!["docker.io/library/nginx:1.25"]
         );
-        // A record left pending is finished even when it no longer reads as an image (its
-        // content may already be gone).
+        // A record a journal left pending is finished even when it no longer reads as an
+        // image (its content may already be gone).
+        let mut inv = inv;
+        inv.add_journals(
+            vec![Journal {
+                id: "j1".into(),
+                names: ["docker.io/library/unread:1".to_string()].into(),
+            }],
+            &recs,
+        );
         assert_eq!(
             inv.pending,
             ["docker.io/library/unread:1".to_string()].into()
@@ -780,33 +781,6 @@ mod tests {
         let reversed: Vec<ImageRecord> = recs.iter().rev().cloned().collect();
         let inv = Inventory::build(&reversed, &sel, &[]);
         assert!(inv.images[&digest(0xc1)].pinned);
-    }
-
-    #[test]
-    fn pending_collects_labelled_names() {
-        let (n, r) = (nginx(), redis());
-        let recs = records(&[
-            ("docker.io/library/nginx:1.25", &n, &[(PENDING_LABEL, "")]),
-            (
-                &digest(0xc1),
-                &n,
-                &[(PENDING_LABEL, "2024-01-01T00:00:00Z")],
-            ),
-            ("docker.io/library/nginx:latest", &n, &[("other", "x")]),
-            (
-                "docker.io/library/redis:7",
-                &r,
-                &[(PINNED_LABEL, PINNED_VALUE)],
-            ),
-        ]);
-        let sel = selections(&recs, &[&n, &n, &n, &r]);
-        let inv = Inventory::build(&recs, &sel, &[]);
-        assert_eq!(
-            inv.pending,
-            [digest(0xc1), "docker.io/library/nginx:1.25".to_string()].into()
-        );
-        // Pending records are still part of their image.
-        assert_eq!(inv.images[&digest(0xc1)].references.len(), 3);
     }
 
     #[test]

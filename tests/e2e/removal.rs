@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::{Context, Result, ensure};
 use imagegc::agent::report::{self, Run};
 use imagegc::containerd::Runtime;
-use imagegc::core::inventory::{Inventory, PENDING_LABEL};
+use imagegc::core::inventory::Inventory;
 use imagegc::core::plan::{self, Plan, Request};
 use imagegc::core::platform::{Matcher, Platform};
 use imagegc::runtime::{Backend, Connector};
@@ -644,18 +644,9 @@ async fn bad_input_changes_nothing(flavor: Flavor) -> Result<()> {
     Ok(())
 }
 
-/// An interrupted removal (records marked, some deleted, then the process died) is finished by
-/// the next run, whatever it was asked; the end state equals a clean CRI removal.
-/// How an interrupted run left its marks.
-#[derive(Clone, Copy)]
-enum Marks {
-    /// In a removal journal (a lease), as this version writes them.
-    Journal,
-    /// As a label on the record, as earlier versions wrote them.
-    Label,
-}
-
-async fn interrupted_removal_is_finished(flavor: Flavor, marks: Marks) -> Result<()> {
+/// An interrupted removal (records journalled, some deleted, then the process died) is
+/// finished by the next run, whatever it was asked; the end state equals a clean CRI removal.
+async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
     let bed = nodes(flavor, 2).await?;
     let (ours, oracle) = (&bed.nodes[0].socket, &bed.nodes[1].socket);
     let a = ImageBuilder::new("a").layer_sizes(&[10_000]).build();
@@ -670,28 +661,18 @@ async fn interrupted_removal_is_finished(flavor: Flavor, marks: Marks) -> Result
         import(socket, &keep, &["docker.io/library/keep:1"]).await?;
         testbed::cri::wait_synced(socket, &[a.id(), keep.id()], &names).await?;
     }
-    // The first half of a run, as the executor does it: the plan's marks journalled (or
-    // labelled), then the first two deletes (the ID record and one name) done before the
+    // The first half of a run, as the executor does it: the plan's marks journalled, then the first two deletes (the ID record and one name) done before the
     // "crash".
     let rt = Runtime::connect(ours, NS).await?;
     let inv = rt.inventory(&Matcher::only(Platform::host())).await?;
     let p = plan_of(&[names[0].to_string()], false, &inv);
     ensure!(p.marks.len() == 1 && p.deletes.len() == 4, "{p:?}");
     ensure!(p.deletes[0] == a.id(), "{p:?}");
-    match marks {
-        Marks::Journal => {
-            rt.create_journal(&p.marks).await?;
-            // And a journal of a run interrupted after its last delete: nothing left to
-            // delete, only the journal to clean up.
-            rt.create_journal(&["docker.io/library/long-gone:1".to_string()])
-                .await?;
-        }
-        Marks::Label => {
-            for r in &p.marks {
-                rt.set_label(r, PENDING_LABEL, "true").await?;
-            }
-        }
-    }
+    rt.create_journal(&p.marks).await?;
+    // And a journal of a run interrupted after its last delete: nothing left to delete, only
+    // the journal to clean up.
+    rt.create_journal(&["docker.io/library/long-gone:1".to_string()])
+        .await?;
     rt.delete_image(&p.deletes[0], false).await?;
     rt.delete_image(&p.deletes[1], false).await?;
 
@@ -788,11 +769,7 @@ pub fn trials() -> Vec<Trial> {
         ));
         out.push(trial(
             format!("removal::{f}::interrupted_removal_is_finished"),
-            move || interrupted_removal_is_finished(flavor, Marks::Journal),
-        ));
-        out.push(trial(
-            format!("removal::{f}::interrupted_removal_of_an_earlier_version_is_finished"),
-            move || interrupted_removal_is_finished(flavor, Marks::Label),
+            move || interrupted_removal_is_finished(flavor),
         ));
     }
     out
