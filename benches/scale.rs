@@ -44,7 +44,7 @@ use imagegc::api::{ImagePrunePolicy, ImageRemoval, NodeImageReport};
 use imagegc::containerd::{self, Runtime};
 use imagegc::core::plan::{self, Request};
 use imagegc::core::platform::{Matcher, Platform};
-use imagegc::runtime::Backend;
+use imagegc::runtime::{Backend, RuntimeArgs};
 use imagegc::serve::{LogFormat, Shutdown, Trigger};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -162,17 +162,19 @@ impl SimNode {
     fn agent_args(&self, jitter: u32) -> AgentArgs {
         AgentArgs {
             node_name: self.name.clone(),
-            socket: Some(self.socket.clone()),
-            runtime: Backend::Containerd,
-            namespace: self.namespace.clone(),
+            runtime: RuntimeArgs {
+                socket: Some(self.socket.clone()),
+                runtime: Backend::Containerd,
+                namespace: self.namespace.clone(),
+            },
             listen: ([127, 0, 0, 1], 0).into(),
-            inventory_interval_seconds: Duration::from_secs(300),
+            inventory_interval: Duration::from_secs(300),
             log_format: LogFormat::Text,
             protect: Vec::new(),
             own_image: None,
             image_fs: self.socket.clone(),
             prune_max_jitter_seconds: jitter,
-            watermark_check_seconds: Duration::from_secs(30),
+            watermark_check: Duration::from_secs(30),
             prune_min_image_age_seconds: 0,
             allow_force: false,
         }

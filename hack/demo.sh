@@ -99,8 +99,8 @@ YAML
   kubeconfig_for "agent-node-$i" "$token" "$state/agent-$i.kubeconfig"
   KUBECONFIG=$state/agent-$i.kubeconfig NODE_NAME=node-$i \
     "$imagegc" agent --socket "${sockets[$i]}" --listen "127.0.0.1:$(port)" \
-    --image-fs "$(dirname "${sockets[$i]}")/root" --watermark-check-seconds 2 \
-    --protect 'registry.k8s.io/pause:*' --allow-force --prune-min-image-age-seconds 0 \
+    --image-fs "$(dirname "${sockets[$i]}")/root" --watermark-check 2s \
+    --protect 'registry.k8s.io/pause:*' --allow-force --prune-min-image-age 0s \
     >"$state/agent-$i.log" 2>&1 &
   pids+=($!)
   echo "agent on node-$i: pid $!, log $state/agent-$i.log"

@@ -3,33 +3,23 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::containerd;
 use crate::core::inventory::{CriImage, ImageRecord, Inventory};
 use crate::core::last_used::{self, Seen};
 use crate::core::plan::{self, Outcome, Request};
 use crate::core::platform::{Matcher, Platform};
 use crate::core::prune::human_duration;
-use crate::runtime::{Backend, Connector, Runtime, RuntimeError};
+use crate::runtime::{Runtime, RuntimeArgs, RuntimeError};
 
-/// Where to find the container runtime.
+/// Where to find the container runtime, and how to read it.
 #[derive(Clone, Debug, clap::Args)]
 pub struct Target {
-    /// The runtime's gRPC socket (default: the first of the known sockets of containerd,
-    /// k3s/RKE2, microk8s, k0s and CRI-O that answers).
-    #[arg(long, env = "IMAGEGC_SOCKET")]
-    pub socket: Option<PathBuf>,
-    /// Which API to use: containerd's own (full semantics), CRI (CRI-O, any CRI runtime), or
-    /// auto (containerd's where the socket serves it, else CRI).
-    #[arg(long, env = "IMAGEGC_RUNTIME", value_enum, default_value = "auto")]
-    pub runtime: Backend,
-    /// containerd namespace (the CRI plugin uses k8s.io; not used with CRI).
-    #[arg(long, short = 'n', env = "IMAGEGC_NAMESPACE", default_value = containerd::DEFAULT_NAMESPACE)]
-    pub namespace: String,
+    /// The runtime's socket, API and namespace.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Platform whose manifest defines an image's ID, as os/arch[/variant] (default: this host).
     #[arg(long, hide = true)]
     pub platform: Option<Platform>,
@@ -44,9 +34,7 @@ impl Target {
     }
 
     async fn connect(&self) -> Result<Runtime, RuntimeError> {
-        Connector::new(self.socket.clone(), self.runtime, &self.namespace)
-            .connect(false)
-            .await
+        self.runtime.connector().connect(false).await
     }
 }
 

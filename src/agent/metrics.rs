@@ -11,21 +11,22 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::api::{ImageOutcome, InventorySummary, PolicyRun, RemovalPhase, RemovalResult, Trigger};
 use crate::containerd::RuntimeError;
 
-type Labels = Vec<(&'static str, String)>;
+/// Label sets, as in the controller: fixed names, values from a closed set.
+type Labels<const N: usize> = [(&'static str, &'static str); N];
 
 /// Every metric the agent exports.
 pub struct Metrics {
-    removals: Family<Labels, Counter>,
-    images: Family<Labels, Counter>,
+    removals: Family<Labels<2>, Counter>,
+    images: Family<Labels<1>, Counter>,
     bytes_freed: Counter,
-    runtime_errors: Family<Labels, Counter>,
+    runtime_errors: Family<Labels<1>, Counter>,
     /// Writes of the NodeImageReport (object and status).
     pub report_writes: Counter,
     inventory_images: Gauge,
     inventory_bytes: Gauge,
     removal_seconds: Histogram,
-    policy_runs: Family<Labels, Counter>,
-    policy_images: Family<Labels, Counter>,
+    policy_runs: Family<Labels<2>, Counter>,
+    policy_images: Family<Labels<1>, Counter>,
     image_fs_usage: Gauge,
 }
 
@@ -115,10 +116,7 @@ impl Metrics {
             Trigger::Watermark => "Watermark",
         };
         self.policy_runs
-            .get_or_create(&vec![
-                ("trigger", trigger.to_string()),
-                ("dry_run", run.dry_run.to_string()),
-            ])
+            .get_or_create(&[("trigger", trigger), ("dry_run", bool_label(run.dry_run))])
             .inc();
         let (outcome, count) = if run.dry_run {
             (ImageOutcome::WouldRemove.as_str(), run.chosen)
@@ -133,7 +131,7 @@ impl Metrics {
         for (outcome, count) in [(outcome, count), ("Kept", kept)] {
             if count > 0 {
                 self.policy_images
-                    .get_or_create(&vec![("outcome", outcome.to_string())])
+                    .get_or_create(&[("outcome", outcome)])
                     .inc_by(count as u64);
             }
         }
@@ -156,10 +154,7 @@ impl Metrics {
             RemovalPhase::Failed => "Failed",
         };
         self.removals
-            .get_or_create(&vec![
-                ("phase", phase.to_string()),
-                ("dry_run", result.dry_run.to_string()),
-            ])
+            .get_or_create(&[("phase", phase), ("dry_run", bool_label(result.dry_run))])
             .inc();
         self.bytes_freed.inc_by(result.bytes_freed.max(0) as u64);
         self.removal_seconds.observe(took.as_secs_f64());
@@ -168,14 +163,14 @@ impl Metrics {
     /// Counts one image outcome.
     pub fn image_outcome(&self, outcome: ImageOutcome) {
         self.images
-            .get_or_create(&vec![("outcome", outcome.to_string())])
+            .get_or_create(&[("outcome", outcome.as_str())])
             .inc();
     }
 
     /// Counts one containerd failure.
     pub fn runtime_error(&self, e: &RuntimeError) {
         self.runtime_errors
-            .get_or_create(&vec![("kind", e.metric_label().to_string())])
+            .get_or_create(&[("kind", e.metric_label())])
             .inc();
     }
 
@@ -183,5 +178,72 @@ impl Metrics {
     pub fn inventory(&self, summary: &InventorySummary) {
         self.inventory_images.set(summary.images as i64);
         self.inventory_bytes.set(summary.bytes);
+    }
+}
+
+fn bool_label(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn counters_carry_their_labels_under_the_agent_prefix() {
+        let mut registry = Registry::with_prefix("imagegc_agent");
+        let m = Metrics::register(&mut registry);
+        let result = RemovalResult {
+            phase: RemovalPhase::Succeeded,
+            bytes_freed: 700,
+            ..Default::default()
+        };
+        m.executed(&result, Duration::from_millis(20));
+        m.image_outcome(ImageOutcome::Removed);
+        m.image_outcome(ImageOutcome::Removed);
+        m.policy_run(&PolicyRun {
+            trigger: Trigger::Watermark,
+            chosen: 3,
+            removed: 2,
+            bytes_freed: 300,
+            ..Default::default()
+        });
+        let text = encoded(&registry);
+        for line in [
+            r#"imagegc_agent_removals_total{phase="Succeeded",dry_run="false"} 1"#,
+            r#"imagegc_agent_images_total{outcome="Removed"} 2"#,
+            r#"imagegc_agent_policy_runs_total{trigger="Watermark",dry_run="false"} 1"#,
+            r#"imagegc_agent_policy_images_total{outcome="Removed"} 2"#,
+            r#"imagegc_agent_policy_images_total{outcome="Kept"} 1"#,
+            "imagegc_agent_freed_bytes_total 1000",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_dry_run_counts_what_it_would_remove_and_frees_nothing() {
+        let mut registry = Registry::with_prefix("imagegc_agent");
+        let m = Metrics::register(&mut registry);
+        m.policy_run(&PolicyRun {
+            trigger: Trigger::Schedule,
+            dry_run: true,
+            chosen: 4,
+            bytes_freed: 999,
+            ..Default::default()
+        });
+        let text = encoded(&registry);
+        assert!(
+            text.contains(r#"imagegc_agent_policy_images_total{outcome="WouldRemove"} 4"#),
+            "{text}"
+        );
+        assert!(text.contains("imagegc_agent_freed_bytes_total 0"), "{text}");
+        assert!(!text.contains(r#"outcome="Kept""#), "{text}");
     }
 }

@@ -43,12 +43,12 @@ use tokio::sync::Notify;
 use crate::api::{
     ImagePrunePolicy, ImageRemoval, InventorySummary, NodeImageReport, NodeImageReportStatus,
 };
-use crate::containerd;
+use crate::core::duration;
 use crate::core::inventory::Inventory;
 use crate::core::prune::{Protected, Protections};
 use crate::core::reference;
 use crate::events::Publisher;
-use crate::runtime::{Backend, Connector, RuntimeError};
+use crate::runtime::{Connector, RuntimeArgs, RuntimeError};
 use crate::serve::{self, FIRST_BACKOFF, Health, LogFormat, Shutdown};
 use connection::Connection;
 use metrics::Metrics;
@@ -66,23 +66,15 @@ pub struct AgentArgs {
     /// This node's name (from the downward API: `spec.nodeName`).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// The runtime's gRPC socket (default: the first of the known sockets of containerd,
-    /// k3s/RKE2, microk8s, k0s and CRI-O that answers).
-    #[arg(long, env = "IMAGEGC_SOCKET")]
-    pub socket: Option<std::path::PathBuf>,
-    /// Which API to use: containerd's own, CRI (CRI-O, any CRI runtime), or auto
-    /// (containerd's where the socket serves it, else CRI).
-    #[arg(long, env = "IMAGEGC_RUNTIME", value_enum, default_value = "auto")]
-    pub runtime: Backend,
-    /// containerd namespace (the CRI plugin uses k8s.io; not used with CRI).
-    #[arg(long, env = "IMAGEGC_NAMESPACE", default_value = containerd::DEFAULT_NAMESPACE)]
-    pub namespace: String,
+    /// The runtime's socket, API and namespace.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Address for /metrics, /livez and /readyz.
     #[arg(long, env = "IMAGEGC_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
-    /// How often the node's image inventory is re-read and, if it changed, reported.
-    #[arg(long, value_parser = parse_seconds, default_value = "300")]
-    pub inventory_interval_seconds: Duration,
+    /// How often the node's image inventory is re-read and, if it changed, reported (e.g. `5m`).
+    #[arg(long, value_parser = duration::parse_interval, default_value = "5m")]
+    pub inventory_interval: Duration,
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -98,15 +90,17 @@ pub struct AgentArgs {
     #[arg(long, env = "IMAGEGC_IMAGE_FS", default_value = "/var/lib/containerd")]
     pub image_fs: std::path::PathBuf,
     /// Scheduled policies run on this node at a fixed offset of up to this many seconds after
-    /// each scheduled time (at most half the time to the next one), so a fleet spreads out.
-    #[arg(long, default_value = "300")]
+    /// each scheduled time (at most half the time to the next one), so a fleet spreads out
+    /// (e.g. `5m`; `0s` turns it off).
+    #[arg(long = "prune-max-jitter", value_parser = duration::parse_flag_seconds, default_value = "5m")]
     pub prune_max_jitter_seconds: u32,
-    /// How often the image filesystem's usage is compared with the watermarks.
-    #[arg(long, value_parser = parse_seconds, default_value = "30")]
-    pub watermark_check_seconds: Duration,
+    /// How often the image filesystem's usage is compared with the watermarks (e.g. `30s`).
+    #[arg(long, value_parser = duration::parse_interval, default_value = "30s")]
+    pub watermark_check: Duration,
     /// No policy chooses an image created (or first seen) less than this many seconds ago, as
-    /// the kubelet's `imageMinimumGCAge`: a freshly pulled image is about to be used.
-    #[arg(long, default_value = "120")]
+    /// the kubelet's `imageMinimumGCAge`: a freshly pulled image is about to be used (e.g.
+    /// `2m`; `0s` turns it off).
+    #[arg(long = "prune-min-image-age", value_parser = duration::parse_flag_seconds, default_value = "2m")]
     pub prune_min_image_age_seconds: u32,
     /// Allow ImageRemovals with `force: true` to remove images that containers use. Off by
     /// default: a forced request is then refused on this node, with the reason in its report.
@@ -132,16 +126,6 @@ pub fn protections(args: &AgentArgs) -> Result<Protections, String> {
         exclude,
         min_image_age: i64::from(args.prune_min_image_age_seconds),
     })
-}
-
-fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let n: u64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if n == 0 {
-        return Err("must be at least 1 second".into());
-    }
-    Ok(Duration::from_secs(n))
 }
 
 /// Errors that stop the agent (everything else is retried).
@@ -281,7 +265,7 @@ async fn run_node(
     let changed = Arc::new(Notify::new());
     let watches = Watches::start(&client, &args.node_name, &changed, &shutdown);
 
-    let connector = Connector::new(args.socket.clone(), args.runtime, &args.namespace);
+    let connector = args.runtime.connector();
     let stamp_due = Arc::new(AtomicBool::new(false));
     tokio::spawn(follow_container_creations(
         connector.clone(),
@@ -301,12 +285,12 @@ async fn run_node(
             protected,
             i64::from(args.prune_max_jitter_seconds),
             args.image_fs.clone(),
-            args.watermark_check_seconds,
+            args.watermark_check,
         ),
         inventory: InventoryState {
             summary: None,
             due: Instant::now(),
-            interval: args.inventory_interval_seconds,
+            interval: args.inventory_interval,
             stamp_due,
         },
         report_created: false,
@@ -315,9 +299,9 @@ async fn run_node(
     };
     tracing::info!(
         node = %agent.node,
-        socket = ?args.socket,
-        runtime = args.runtime.as_str(),
-        namespace = %args.namespace,
+        socket = ?args.runtime.socket,
+        runtime = args.runtime.runtime.as_str(),
+        namespace = %args.runtime.namespace,
         "agent starting"
     );
 
@@ -649,11 +633,55 @@ fn now() -> Time {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<AgentArgs, String> {
+        use clap::Parser;
+        let argv = ["agent", "--node-name", "n1"].iter().chain(flags);
+        Cli::try_parse_from(argv)
+            .map(|c| c.args)
+            .map_err(|e| e.to_string())
+    }
+
     #[test]
-    fn seconds_flags_reject_zero_and_garbage() {
-        assert_eq!(parse_seconds("5"), Ok(Duration::from_secs(5)));
-        assert!(parse_seconds("0").is_err());
-        assert!(parse_seconds("5m").is_err());
+    fn duration_flags_take_units_and_have_the_documented_defaults() {
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.inventory_interval, Duration::from_secs(300));
+        assert_eq!(d.watermark_check, Duration::from_secs(30));
+        assert_eq!(d.prune_max_jitter_seconds, 300);
+        assert_eq!(d.prune_min_image_age_seconds, 120);
+        assert_eq!(d.runtime.namespace, "k8s.io");
+        let a = parse(&[
+            "--inventory-interval=90s",
+            "--watermark-check=1s",
+            "--prune-max-jitter=0s",
+            "--prune-min-image-age=1h",
+            "--socket=/run/c.sock",
+        ])
+        .unwrap();
+        assert_eq!(a.inventory_interval, Duration::from_secs(90));
+        assert_eq!(a.watermark_check, Duration::from_secs(1));
+        assert_eq!(a.prune_max_jitter_seconds, 0);
+        assert_eq!(a.prune_min_image_age_seconds, 3_600);
+        assert_eq!(a.runtime.socket, Some("/run/c.sock".into()));
+    }
+
+    #[test]
+    fn bad_durations_are_refused_naming_the_flag() {
+        for (flag, says) in [
+            ("--inventory-interval=0s", "positive"),
+            ("--watermark-check=300", "not valid"),
+            ("--prune-min-image-age=1500ms", "whole number of seconds"),
+            ("--prune-max-jitter=-1s", "not valid"),
+        ] {
+            let e = parse(&[flag]).unwrap_err();
+            let name = flag.split('=').next().unwrap();
+            assert!(e.contains(name) && e.contains(says), "{flag}: {e}");
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::api::{ImagePrunePolicy, ImageRemoval, NodeImageReport};
+use crate::core::duration;
 use crate::events::{Publisher, Severity};
 use crate::serve::{self, Health, LogFormat, Shutdown};
 use fold::{Expiry, Terminal};
@@ -65,36 +66,20 @@ pub struct ControllerArgs {
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// How long a Lease nobody renews stays held (e.g. `15s`).
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = duration::parse)]
     pub lease_duration: Duration,
     /// How often the leader renews the Lease and standbys check it (e.g. `5s`).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = duration::parse)]
     pub lease_renew: Duration,
     /// Minimum time between two status writes of one ImageRemoval; reports arriving
     /// meanwhile are folded into the next write (e.g. `1s`, `500ms`).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = duration::parse)]
     pub status_debounce: Duration,
     /// Added to the minimum time between status writes per node the removal targets (each
     /// write reaches every agent's watch, so big removals are written less often). A write
     /// that finishes a removal is never held back (e.g. `5ms`).
-    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "5ms", value_parser = duration::parse)]
     pub status_debounce_per_node: Duration,
-}
-
-/// Parses `500ms`, `15s` or `2m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}: write a whole number with ms, s or m, e.g. 15s");
-    let (number, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .ok_or_else(bad)?;
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(bad()),
-    }
 }
 
 /// What stops the controller: at start, or when leadership is lost.
@@ -196,32 +181,32 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Metrics {
         let m = Metrics::default();
         registry.register(
-            "imagegc_controller_reconciles",
+            "reconciles",
             "Reconciles of ImageRemovals, by result (ok or an error label)",
             m.reconciles.clone(),
         );
         registry.register(
-            "imagegc_controller_status_writes",
+            "status_writes",
             "ImageRemoval status writes (only when the folded status changed)",
             m.status_writes.clone(),
         );
         registry.register(
-            "imagegc_controller_ttl_deletions",
+            "ttl_deletions",
             "ImageRemovals deleted after their ttlSecondsAfterFinished",
             m.ttl_deletions.clone(),
         );
         registry.register(
-            "imagegc_controller_events",
+            "events",
             "Events published about finished ImageRemovals",
             m.events.clone(),
         );
         registry.register(
-            "imagegc_controller_policy_status_writes",
+            "policy_status_writes",
             "ImagePrunePolicy status writes (only when the folded status changed)",
             m.policy_status_writes.clone(),
         );
         registry.register(
-            "imagegc_controller_is_leader",
+            "is_leader",
             "1 while this replica holds the leader Lease",
             m.is_leader.clone(),
         );
@@ -249,7 +234,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), ControllerError> {
         .map_err(ControllerError::Client)?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
 
-    let mut registry = Registry::default();
+    let mut registry = Registry::with_prefix("imagegc_controller");
     let metrics = Metrics::register(&mut registry);
     let health = Health::default();
     let mut server = tokio::spawn(serve::serve(
@@ -491,7 +476,7 @@ where
     let events = reflector::reflector(
         writer,
         crate::watch::tolerant::<K>(client.clone(), watcher::Config::default())
-            .default_backoff()
+            .backoff(crate::watch::ControllerBackoff::default())
             .modify(crate::watch::drop_managed_fields),
     );
     (store, changes(events, synced.clone(), watch).boxed())
@@ -512,7 +497,7 @@ fn watch_nodes(
             Api::<PartialObjectMeta<Node>>::all(client.clone()),
             watcher::Config::default(),
         )
-        .default_backoff()
+        .backoff(crate::watch::ControllerBackoff::default())
         .modify(crate::watch::drop_managed_fields),
     ));
     (
@@ -870,16 +855,6 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        for bad in ["", "15", "s", "1.5s", "-1s", "3h"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn flags_have_the_documented_names_and_defaults() {

@@ -92,7 +92,10 @@ impl PolicyLoop {
     }
 
     /// Folds every policy and writes the statuses that changed. Returns whether every write
-    /// succeeded.
+    /// succeeded. Every policy, not only the one that changed: the usual wake-ups are a
+    /// report or a Node's labels, and either can change any policy's status. A fold is linear
+    /// in nodes and reports, and passes are at most one per debounce interval (which grows
+    /// with the node count), so a full pass stays cheap; writes happen only on change.
     async fn pass(&self) -> bool {
         let now = Timestamp::from_second(Timestamp::now().as_second())
             .unwrap_or_else(|_| Timestamp::now());

@@ -1,4 +1,5 @@
 //! The pure core: plain data in, plain data out. Nothing here touches a socket.
+pub mod duration;
 pub mod inventory;
 pub mod last_used;
 pub mod manifest;

@@ -6,10 +6,11 @@
 use std::collections::BTreeMap;
 
 use crate::api::ImagePrunePolicySpec;
+use crate::core::duration::{self, DurationError};
 use crate::core::inventory::{ImageRecord, Inventory};
 use crate::core::last_used;
 use crate::core::prune::{self, Candidate, Criteria, Protections, PruneError, Selector, Watermark};
-use crate::core::schedule::{self, Schedule, ScheduleError};
+use crate::core::schedule::{Schedule, ScheduleError};
 
 /// Images removed per node per run when the policy sets no `maxImagesPerRun`: every chosen
 /// image is one batch with one garbage collection, and the report lists a bounded number.
@@ -30,7 +31,7 @@ pub enum PolicyError {
         /// Which one.
         field: &'static str,
         /// Why.
-        source: ScheduleError,
+        source: DurationError,
     },
     /// A glob or the watermarks are invalid.
     #[error(transparent)]
@@ -72,16 +73,16 @@ pub fn compile(
         }
         None => None,
     };
-    let duration = |field: &'static str, value: &Option<String>| {
+    let seconds = |field: &'static str, value: &Option<String>| {
         value
             .as_deref()
-            .map(schedule::parse_duration)
+            .map(duration::parse_seconds)
             .transpose()
             .map_err(|source| PolicyError::Duration { field, source })
     };
     let selection = Criteria {
-        unused_for: duration("unusedFor", &spec.unused_for)?,
-        older_than: duration("olderThan", &spec.older_than)?,
+        unused_for: seconds("unusedFor", &spec.unused_for)?,
+        older_than: seconds("olderThan", &spec.older_than)?,
         include: spec.include.clone(),
         exclude: spec.exclude.clone(),
         keep_newest: spec.keep_newest,

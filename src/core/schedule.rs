@@ -1,6 +1,6 @@
 //! When a policy runs on a node: its cron schedule (UTC, standard 5-field syntax), each node's
-//! fixed offset after the scheduled minute (so 5,000 nodes do not prune in the same second),
-//! and the durations policies are written in (`7d`, `36h`). Pure: times are Unix seconds and
+//! fixed offset after the scheduled minute (so 5,000 nodes do not prune in the same second).
+//! Pure: times are Unix seconds and
 //! "now" is a parameter.
 
 use std::str::FromStr;
@@ -14,7 +14,7 @@ pub struct Schedule {
     cron: Cron,
 }
 
-/// Why a schedule or a duration cannot be used.
+/// Why a schedule cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
     /// Neither 5 fields nor a macro.
@@ -34,14 +34,6 @@ pub enum ScheduleError {
         expr: String,
         /// What the cron parser said.
         reason: String,
-    },
-    /// A duration that is not whole numbers with units.
-    #[error(
-        "duration {value:?} is not valid: write whole numbers with d, h, m or s, e.g. 7d or 1d12h"
-    )]
-    Duration {
-        /// The duration as written.
-        value: String,
     },
 }
 
@@ -126,41 +118,6 @@ pub fn next_run(
     let tick = schedule.next_after(last)?;
     let window = jitter_window(schedule, tick, max_jitter);
     Some((tick, tick + jitter(node, policy_uid, window)))
-}
-
-/// Parses a duration written as whole numbers with units: `7d`, `36h`, `1d12h`, `90m`, `30s`.
-pub fn parse_duration(s: &str) -> Result<i64, ScheduleError> {
-    let bad = || ScheduleError::Duration {
-        value: s.to_string(),
-    };
-    if s.is_empty() {
-        return Err(bad());
-    }
-    let mut total: i64 = 0;
-    let mut number = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit: i64 = match c {
-            'd' => 86_400,
-            'h' => 3_600,
-            'm' => 60,
-            's' => 1,
-            _ => return Err(bad()),
-        };
-        let n: i64 = number.parse().map_err(|_| bad())?;
-        number.clear();
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(bad)?;
-    }
-    if !number.is_empty() {
-        return Err(bad());
-    }
-    Ok(total)
 }
 
 #[cfg(test)]
@@ -281,28 +238,5 @@ mod tests {
         let (tick2, at2) = next_run(&daily, at, "node-7", "uid-1", 300).unwrap();
         assert_eq!(tick2, tick + DAY);
         assert_eq!(at2 - tick2, at - tick);
-    }
-
-    #[test]
-    fn durations_take_days_hours_minutes_seconds() {
-        assert_eq!(parse_duration("7d"), Ok(7 * DAY));
-        assert_eq!(parse_duration("36h"), Ok(36 * HOUR));
-        assert_eq!(parse_duration("1d12h"), Ok(DAY + 12 * HOUR));
-        assert_eq!(parse_duration("90m"), Ok(90 * MIN));
-        assert_eq!(parse_duration("30s"), Ok(30));
-        assert_eq!(parse_duration("0s"), Ok(0));
-        for bad in [
-            "",
-            "7",
-            "d",
-            "7w",
-            "-1d",
-            "1.5h",
-            "7 d",
-            "99999999999999999999d",
-        ] {
-            let e = parse_duration(bad).unwrap_err().to_string();
-            assert!(e.contains("not valid"), "{bad:?}: {e}");
-        }
     }
 }

@@ -180,6 +180,30 @@ pub async fn channel(socket: &Path) -> Result<tonic::transport::Channel, Runtime
     }
 }
 
+/// The flags that say where the runtime is, shared by `imagegc images`, `imagegc rmi` and
+/// `imagegc agent`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RuntimeArgs {
+    /// The runtime's gRPC socket (default: the first of the known sockets of containerd,
+    /// k3s/RKE2, microk8s, k0s and CRI-O that answers).
+    #[arg(long, env = "IMAGEGC_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Which API to use: containerd's own (full semantics), CRI (CRI-O, any CRI runtime), or
+    /// auto (containerd's where the socket serves it, else CRI).
+    #[arg(long, env = "IMAGEGC_RUNTIME", value_enum, default_value = "auto")]
+    pub runtime: Backend,
+    /// containerd namespace (the CRI plugin uses k8s.io; not used with CRI).
+    #[arg(long, short = 'n', env = "IMAGEGC_NAMESPACE", default_value = containerd::DEFAULT_NAMESPACE)]
+    pub namespace: String,
+}
+
+impl RuntimeArgs {
+    /// A connector for these flags.
+    pub fn connector(&self) -> Connector {
+        Connector::new(self.socket.clone(), self.runtime, &self.namespace)
+    }
+}
+
 /// Where and how to reach the runtime: the flags, and what the CRI backend remembers.
 #[derive(Clone, Debug)]
 pub struct Connector {

@@ -333,7 +333,7 @@ const POLICY_KILL_ITERATIONS: usize = 20;
 /// and the protected images stay.
 async fn agent_sigkilled_during_policy_runs() -> Result<()> {
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
-    op.agent_args = vec!["--watermark-check-seconds=1".into()];
+    op.agent_args = vec!["--watermark-check=1s".into()];
     let socket = op.socket(0);
     let usage = imagegc::agent::policies::filesystem_usage(&op.bed.nodes[0].root)?;
     ensure!(

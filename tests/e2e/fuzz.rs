@@ -384,8 +384,8 @@ async fn agent_survives_arbitrary_policies() -> Result<()> {
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
     op.agent_args = vec![
         "--protect=docker.io/library/fzguard:*".into(),
-        "--watermark-check-seconds=1".into(),
-        "--prune-max-jitter-seconds=0".into(),
+        "--watermark-check=1s".into(),
+        "--prune-max-jitter=0s".into(),
     ];
     op.stop_agent(0);
     let socket = op.socket(0);

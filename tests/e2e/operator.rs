@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use imagegc::api::{ImageRemoval, NodeImageReport, RemovalResult};
-use imagegc::core::inventory::{PENDING_LABEL, PINNED_LABEL};
+use imagegc::core::inventory::PINNED_LABEL;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -184,8 +184,8 @@ impl Operator {
         if !given("--allow-force") && !given("--no-allow-force") {
             args.push("--allow-force".into());
         }
-        if !given("--prune-min-image-age-seconds") {
-            args.push("--prune-min-image-age-seconds=0".into());
+        if !given("--prune-min-image-age") {
+            args.push("--prune-min-image-age=0s".into());
         }
         args.extend(
             self.agent_args
@@ -337,7 +337,7 @@ impl Operator {
             .list_images()
             .await?
             .iter()
-            .filter(|r| journalled.contains(&r.name) || r.labels.contains_key(PENDING_LABEL))
+            .filter(|r| journalled.contains(&r.name))
             .count())
     }
 
@@ -365,9 +365,7 @@ impl Operator {
         let left: Vec<&str> = records
             .iter()
             .filter(|r| {
-                r.name.starts_with(&format!("docker.io/library/{prefix}"))
-                    || ids.contains(&r.name)
-                    || r.labels.contains_key(PENDING_LABEL)
+                r.name.starts_with(&format!("docker.io/library/{prefix}")) || ids.contains(&r.name)
             })
             .map(|r| r.name.as_str())
             .collect();

@@ -106,7 +106,7 @@ async fn schedule_prunes_exactly_the_chosen_images_on_selected_nodes() -> Result
     let mut op = Operator::start(&[&[("pool", "a")], &[("pool", "a")], &[("pool", "b")]]).await?;
     op.agent_args = vec![
         "--protect=docker.io/library/app:guarded".into(),
-        format!("--prune-max-jitter-seconds={JITTER}"),
+        format!("--prune-max-jitter={JITTER}s"),
     ];
     for i in 0..3 {
         op.stop_agent(i);
@@ -330,7 +330,7 @@ async fn schedule_prunes_exactly_the_chosen_images_on_selected_nodes() -> Result
 async fn watermark_prunes_least_recently_used_down_to_the_low_mark() -> Result<()> {
     const MIB: usize = 1 << 20;
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
-    op.agent_args = vec!["--watermark-check-seconds=1".into()];
+    op.agent_args = vec!["--watermark-check=1s".into()];
     op.stop_agent(0);
     op.bed.nodes[0].use_small_filesystem(64 * MIB as u64)?;
     let root = op.bed.nodes[0].root.clone();

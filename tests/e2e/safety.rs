@@ -296,8 +296,8 @@ async fn policies_keep_images_younger_than_the_minimum_age() -> Result<()> {
 
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
     op.agent_args = vec![
-        "--prune-min-image-age-seconds=3600".into(),
-        "--watermark-check-seconds=1".into(),
+        "--prune-min-image-age=1h".into(),
+        "--watermark-check=1s".into(),
     ];
     op.stop_agent(0);
     let socket = op.socket(0);

@@ -313,7 +313,7 @@ async fn representative_scenario(op: &mut Operator) -> Result<()> {
 /// kube-system and are refused.
 async fn service_accounts_have_exactly_the_permissions_their_calls_need() -> Result<()> {
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
-    op.agent_args = vec!["--watermark-check-seconds=1".into()];
+    op.agent_args = vec!["--watermark-check=1s".into()];
     op.stop_agent(0);
     op.start_agent(0)?;
     representative_scenario(&mut op).await?;
