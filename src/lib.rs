@@ -14,8 +14,9 @@
 //! - [`agent`]: `imagegc agent`, the per-node DaemonSet.
 //! - [`controller`]: `imagegc controller` — folds NodeImageReports into ImageRemoval status.
 //! - [`check`]: `imagegc check`, the chart's `helm test`.
-//! - [`events`], [`serve`], [`watch`]: what the long-running processes share — Events,
-//!   logging, `/metrics`, `/livez`, `/readyz`, shutdown, watches one bad object cannot wedge.
+//! - [`events`], [`kube_client`], [`serve`], [`watch`]: what the long-running processes share —
+//!   Events, one HTTP/2 connection to the API server, logging, `/metrics`, `/livez`, `/readyz`,
+//!   shutdown, watches one bad object cannot wedge.
 #![forbid(unsafe_code)]
 // No function over 100 lines (clippy's default): long-running shells are named steps.
 #![warn(clippy::too_many_lines)]
@@ -29,6 +30,7 @@ pub mod controller;
 pub mod core;
 pub mod cri;
 pub mod events;
+pub mod kube_client;
 pub mod runtime;
 pub mod serve;
 pub mod watch;

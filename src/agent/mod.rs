@@ -164,7 +164,9 @@ pub enum AgentError {
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     serve::init_logging(args.log_format);
     let shutdown = Shutdown::on_signals().map_err(AgentError::Signals)?;
-    let client = Client::try_default().await.map_err(AgentError::Config)?;
+    let client = crate::kube_client::try_default()
+        .await
+        .map_err(AgentError::Config)?;
 
     let mut registry = Registry::with_prefix("imagegc_agent");
     let metrics = Metrics::register(&mut registry);
