@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, ObjectMeta, PostParams};
@@ -215,11 +215,16 @@ pub enum KubeconfigUser<'a> {
     Token(&'a str),
 }
 
-/// A client built from a kubeconfig file.
+/// A client built from a kubeconfig file (kube's default HTTP/1.1 stack).
 pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    Ok(Client::try_from(config_from_kubeconfig(path).await?)?)
+}
+
+/// The client configuration a kubeconfig file describes, for building a client with another
+/// HTTP stack (the product's own, in the benches).
+pub async fn config_from_kubeconfig(path: &Path) -> Result<Config> {
     let kc = Kubeconfig::read_from(path)?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
 }
 
 impl Cluster {
@@ -233,6 +238,19 @@ impl Cluster {
             out.push(("etcd", p));
         }
         out
+    }
+
+    /// The API server's port.
+    pub fn port(&self) -> Result<u16> {
+        self.server
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.trim_end_matches('/').parse().ok())
+            .ok_or_else(|| anyhow!("no port in {}", self.server))
+    }
+
+    /// The API server's process ID, while it runs.
+    pub fn apiserver_pid(&self) -> Option<u32> {
+        self.apiserver.as_ref().map(Proc::pid)
     }
 
     /// Starts etcd and kube-apiserver on loopback under `bed_dir/cluster` and waits for

@@ -15,6 +15,7 @@ pub mod image;
 pub mod imagegc_image;
 pub mod node;
 pub mod process;
+pub mod sockets;
 pub mod tools;
 
 use std::future::Future;

@@ -55,6 +55,10 @@ pub fn trials() -> Vec<Trial> {
             "operator::agent_cannot_write_another_nodes_report",
             agent_cannot_write_another_nodes_report,
         ),
+        trial(
+            "operator::agent_shares_one_http2_connection",
+            agent_shares_one_http2_connection,
+        ),
     ]
 }
 
@@ -1003,5 +1007,113 @@ async fn agent_cannot_write_another_nodes_report() -> Result<()> {
             other => bail!("{what}: expected a refusal, got {other:?}"),
         }
     }
+    Ok(())
+}
+
+/// The resources an agent watches: ImageRemovals, ImagePrunePolicies, its Node, its pods.
+const AGENT_WATCHES: [&str; 4] = ["imageremovals", "imageprunepolicies", "nodes", "pods"];
+
+/// The API server's open watches per resource in [`AGENT_WATCHES`] (its
+/// `apiserver_longrunning_requests` gauge, every scope summed).
+fn open_watches(op: &Operator) -> Result<BTreeMap<String, f64>> {
+    let text = op.bed.cluster()?.kubectl(&["get", "--raw", "/metrics"])?;
+    let mut out: BTreeMap<String, f64> =
+        AGENT_WATCHES.iter().map(|r| (r.to_string(), 0.0)).collect();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_longrunning_requests{") else {
+            continue;
+        };
+        if !rest.contains(r#"verb="WATCH""#) {
+            continue;
+        }
+        let (labels, value) = rest.rsplit_once(' ').context("a sample without a value")?;
+        for (resource, sum) in out.iter_mut() {
+            if labels.contains(&format!(r#"resource="{resource}""#)) {
+                *sum += value.parse::<f64>()?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The API server's port and process ID.
+fn api_server(op: &Operator) -> Result<(u16, u32)> {
+    let cluster = op.bed.cluster()?;
+    let pid = cluster
+        .apiserver_pid()
+        .context("kube-apiserver is not running")?;
+    Ok((cluster.port()?, pid))
+}
+
+/// Node 0's agent's connections to the API server, once it holds one watch more than
+/// `without` on each of [`AGENT_WATCHES`] and a single connection.
+async fn agent_connection(
+    op: &Operator,
+    without: &BTreeMap<String, f64>,
+) -> Result<testbed::sockets::TcpConn> {
+    let (port, _) = api_server(op)?;
+    let pid = op.agent_pid(0).context("the agent is not running")?;
+    let found = wait_for(
+        "the agent's four watches on one connection",
+        CONVERGE,
+        || async move {
+            let with = open_watches(op)?;
+            let conns = testbed::sockets::connections_to(pid, port)?;
+            let watching = AGENT_WATCHES.iter().all(|r| with[*r] > without[*r]);
+            Ok((watching && conns.len() == 1).then(|| conns[0]))
+        },
+    )
+    .await;
+    found.with_context(|| {
+        let conns = testbed::sockets::connections_to(pid, port);
+        format!("watches {:?}, connections {conns:?}", open_watches(op))
+    })
+}
+
+/// The agent's four watches and its writes share one HTTP/2 connection: the agent holds one
+/// connection to the API server while the API server counts one more open watch on each of
+/// the four resources than without it (HTTP/1.1 needs a connection per watch), the API
+/// server's end shows the same single connection, and a removal runs end to end over it.
+async fn agent_shares_one_http2_connection() -> Result<()> {
+    let mut op = Operator::start(&[&[("pool", "a")]]).await?;
+    let app = ImageBuilder::new("op-h2").build();
+    let names = ["docker.io/library/h2:1"];
+    import(&op.socket(0), &app, &names).await?;
+    testbed::cri::wait_synced(&op.socket(0), &[app.id()], &names).await?;
+    let (port, apiserver) = api_server(&op)?;
+
+    let log = op.stop_agent(0);
+    ensure!(log.contains("agent stopped"), "graceful stop: {log}");
+    // The stopped agent's watches end when its connection closes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let without = open_watches(&op)?;
+    op.start_agent(0)?;
+    let conn = agent_connection(&op, &without).await?;
+    let server_side: Vec<_> = testbed::sockets::tcp_connections(apiserver)?
+        .into_iter()
+        .filter(|c| c.local_port == port && c.remote_port == conn.local_port)
+        .collect();
+    ensure!(
+        server_side.len() == 1,
+        "the API server's end of the agent's connection: {server_side:?}"
+    );
+
+    op.create_removal(
+        "h2",
+        serde_json::json!({"images": ["h2:1"], "nodeSelector": {"matchLabels": {"pool": "a"}}}),
+    )
+    .await?;
+    let r = op.wait_result(0, "h2").await?;
+    ensure!(outcomes(&r) == pairs(&[("h2:1", "Removed")]), "{r:?}");
+    ensure!(
+        !records(&op, 0).await?.contains(names[0]),
+        "the image is still on the node"
+    );
+    let pid = op.agent_pid(0).context("the agent stopped")?;
+    let after = testbed::sockets::connections_to(pid, port)?;
+    ensure!(
+        after == vec![conn],
+        "the removal's writes took another connection: {after:?}, before {conn:?}"
+    );
     Ok(())
 }
