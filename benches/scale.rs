@@ -85,13 +85,14 @@ const TARGET_LARGEST_OBJECT: usize = 64 * 1024;
 const TARGET_P99_AT_1000: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
-    // Every simulated agent holds a few connections (its watches and its requests), in this
-    // process and in the API server, which inherits the limit.
+    // Every simulated agent holds three descriptors in this process (one HTTP/2 connection to
+    // the API server, two to containerd: requests and its event stream) and one in the API
+    // server, which inherits the limit.
     match testbed::process::raise_open_files(OPEN_FILES) {
         Ok(limit) if limit < OPEN_FILES => {
             eprintln!(
                 "bench scale: open files limited to {limit}: about {} nodes fit",
-                limit / 6
+                limit / 3
             )
         }
         Ok(_) => {}
@@ -394,7 +395,10 @@ impl Bench {
             let kubeconfig = cluster.token_kubeconfig(&format!("{name}.kubeconfig"), &token)?;
             let daemon = &self.bed.nodes[i % DAEMONS];
             self.nodes.push(SimNode {
-                client: testbed::cluster::client_from_kubeconfig(&kubeconfig).await?,
+                // The agent's own HTTP stack: one HTTP/2 connection per agent.
+                client: imagegc::kube_client::from_config(
+                    testbed::cluster::config_from_kubeconfig(&kubeconfig).await?,
+                )?,
                 socket: daemon.socket.clone(),
                 namespace: name.clone(),
                 name,
@@ -436,6 +440,7 @@ impl Bench {
     async fn measure(&self, n: usize, mode: Mode) -> Result<Run> {
         self.seed(n).await?;
         let boot = Metrics::scrape(self.bed.cluster()?)?;
+        let idle = self.open_files()?;
         let (trigger, shutdown) = Shutdown::manual();
         let mut agents = JoinSet::new();
         let received: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::default()).collect();
@@ -466,7 +471,9 @@ impl Bench {
             trigger,
             agents: Some(agents),
         };
-        let result = self.measure_with_agents(n, mode, &received, &boot).await;
+        let result = self
+            .measure_with_agents(n, mode, &received, (&boot, idle))
+            .await;
         stopped.stop().await?;
         let run = result?;
         self.assert_removed(n).await?;
@@ -598,7 +605,7 @@ impl Bench {
         n: usize,
         mode: Mode,
         received: &[Arc<AtomicU64>],
-        boot: &Metrics,
+        (boot, idle): (&Metrics, OpenFiles),
     ) -> Result<Run> {
         let started = Instant::now();
         if mode == Mode::Imagegc {
@@ -612,6 +619,7 @@ impl Bench {
         }
         let start_secs = started.elapsed().as_secs_f64();
         tokio::time::sleep(SETTLE).await;
+        let running = self.open_files()?;
 
         let cluster = self.bed.cluster()?;
         let before = Metrics::scrape(cluster)?;
@@ -647,6 +655,7 @@ impl Bench {
             .await
             .with_context(|| format!("{name} did not complete in {PHASE_TIMEOUT:?}"))???;
         let cpu = Cpu::between(&cpu_before, &self.cpu(), created.elapsed());
+        let done = self.open_files()?;
         tokio::time::sleep(SETTLE).await;
         let after = Metrics::scrape(cluster)?;
         let delta = after.minus(&before);
@@ -674,6 +683,26 @@ impl Bench {
             controller_rss_kib: rss_kib(self.controller.pid()).unwrap_or(0),
             pods,
             cpu,
+            files: [idle, running, done],
+        })
+    }
+
+    /// Open files of this process (the agents') and of the API server, and this process's
+    /// connections to the API server.
+    fn open_files(&self) -> Result<OpenFiles> {
+        let cluster = self.bed.cluster()?;
+        let port = cluster.port()?;
+        let apiserver = cluster
+            .apiserver_pid()
+            .context("kube-apiserver is not running")?;
+        let me = std::process::id();
+        Ok(OpenFiles {
+            bench: testbed::sockets::open_files(me)?,
+            bench_to_apiserver: testbed::sockets::connections_to(me, port)?
+                .iter()
+                .map(|c| c.local_port)
+                .collect(),
+            apiserver: testbed::sockets::open_files(apiserver)?,
         })
     }
 
@@ -1221,6 +1250,42 @@ struct Run {
     pods: Option<PodWatchCost>,
     /// CPU each process used from the removal's creation to its completion.
     cpu: Cpu,
+    /// Open files before the agents started, once they all ran, and at Complete.
+    files: [OpenFiles; 3],
+}
+
+/// File descriptors of the bench process (where the simulated agents run) and the API server.
+struct OpenFiles {
+    bench: usize,
+    /// The local ports of this process's TCP connections to the API server.
+    bench_to_apiserver: HashSet<u16>,
+    apiserver: usize,
+}
+
+impl OpenFiles {
+    /// `idle` before the agents started, `running` once they all reported, `done` at Complete.
+    fn print([idle, running, done]: &[OpenFiles; 3], n: usize) {
+        let per = |a: usize, b: usize| (a as f64 - b as f64) / n as f64;
+        let conns = |f: &OpenFiles| f.bench_to_apiserver.len();
+        println!(
+            "  open files with the {n} agents running: this process {} ({:.2} per agent; {} connections to the API server, {:.2} per agent), the API server {} ({:.2} per agent)",
+            running.bench,
+            per(running.bench, idle.bench),
+            conns(running),
+            per(conns(running), conns(idle)),
+            running.apiserver,
+            per(running.apiserver, idle.apiserver),
+        );
+        let kept = running
+            .bench_to_apiserver
+            .intersection(&done.bench_to_apiserver)
+            .count();
+        println!(
+            "    of those {} connections, {kept} were still open at Complete ({} open then)",
+            conns(running),
+            conns(done)
+        );
+    }
 }
 
 /// CPU seconds per process over one phase, and the phase's wall time.
@@ -1467,6 +1532,7 @@ impl Run {
             self.controller_rss_kib as f64 / 1024.0
         );
         self.cpu.print();
+        OpenFiles::print(&self.files, self.n);
         if let Some(pods) = &self.pods {
             pods.print();
         }
