@@ -71,6 +71,12 @@ pub fn from_config(config: Config) -> Result<Client, kube::Error> {
     connector.set_write_timeout(config.write_timeout);
     connector.set_reset_reader_on_write(config.reset_reader_on_write);
     let http_client = hyper_util::client::legacy::Builder::new(TokioExecutor::new())
+        // The pool drops a connection not checked out for its idle timeout (90 s by default)
+        // at the next request, even an HTTP/2 connection whose watches are still streaming: an
+        // agent that made no request for 90 s (its watches run for minutes) would open a second
+        // connection and a TLS handshake for its next request. Connections leave the pool when
+        // they close instead.
+        .pool_idle_timeout(None)
         .timer(TokioTimer::new())
         .http2_keep_alive_interval(PING_INTERVAL)
         .http2_keep_alive_timeout(PING_TIMEOUT)

@@ -1073,7 +1073,8 @@ async fn agent_connection(
 /// The agent's four watches and its writes share one HTTP/2 connection: the agent holds one
 /// connection to the API server while the API server counts one more open watch on each of
 /// the four resources than without it (HTTP/1.1 needs a connection per watch), the API
-/// server's end shows the same single connection, and a removal runs end to end over it.
+/// server's end shows the same single connection, and a removal runs end to end over it after
+/// the agent made no request for longer than a connection pool's idle timeout.
 async fn agent_shares_one_http2_connection() -> Result<()> {
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
     let app = ImageBuilder::new("op-h2").build();
@@ -1098,6 +1099,9 @@ async fn agent_shares_one_http2_connection() -> Result<()> {
         "the API server's end of the agent's connection: {server_side:?}"
     );
 
+    // Longer than the connection pool's default idle timeout (90 s): the next request must
+    // still take the connection the watches stream on.
+    tokio::time::sleep(Duration::from_secs(95)).await;
     op.create_removal(
         "h2",
         serde_json::json!({"images": ["h2:1"], "nodeSelector": {"matchLabels": {"pool": "a"}}}),
