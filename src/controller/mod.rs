@@ -229,7 +229,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), ControllerError> {
         )));
     }
     let shutdown = Shutdown::on_signals().map_err(ControllerError::Signals)?;
-    let client = crate::kube_client::try_default()
+    let client = Client::try_default()
         .await
         .map_err(ControllerError::Client)?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
