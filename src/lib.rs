@@ -14,9 +14,9 @@
 //! - [`agent`]: `imagegc agent`, the per-node DaemonSet.
 //! - [`controller`]: `imagegc controller` — folds NodeImageReports into ImageRemoval status.
 //! - [`check`]: `imagegc check`, the chart's `helm test`.
-//! - [`events`], [`kube_client`], [`serve`], [`watch`]: what the long-running processes share —
-//!   Events, one HTTP/2 connection to the API server, logging, `/metrics`, `/livez`, `/readyz`,
-//!   shutdown, watches one bad object cannot wedge.
+//! - [`events`], [`serve`], [`watch`]: what the long-running processes share — Events,
+//!   logging, `/metrics`, `/livez`, `/readyz`, shutdown, watches one bad object cannot wedge.
+//! - [`kube_client`]: the agent's API client, one HTTP/2 connection for all its watches.
 #![forbid(unsafe_code)]
 // No function over 100 lines (clippy's default): long-running shells are named steps.
 #![warn(clippy::too_many_lines)]
