@@ -680,7 +680,8 @@ impl Bench {
             bench_events,
             agent_events,
             largest,
-            controller_rss_kib: rss_kib(self.controller.pid()).unwrap_or(0),
+            controller_rss_kib: testbed::process::status_kib(self.controller.pid(), "VmRSS")
+                .unwrap_or(0),
             pods,
             cpu,
             files: [idle, running, done],
@@ -1626,17 +1627,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
         return Duration::ZERO;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Polls `f` until it returns `Some`, for up to [`PHASE_TIMEOUT`].

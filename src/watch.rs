@@ -19,13 +19,24 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
+/// What a reflector over one of imagegc's kinds (or a Kubernetes kind) needs of it.
+pub trait Reflected:
+    Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static
+{
+}
+
+impl<K> Reflected for K where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static
+{
+}
+
 /// Watches every object of kind `K` (cluster-scoped), decoding each one separately.
 pub fn tolerant<K>(
     client: Client,
     config: watcher::Config,
 ) -> impl Stream<Item = watcher::Result<Event<K>>> + Send
 where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug + Send + 'static,
+    K: Reflected,
 {
     let resource = ApiResource::erase::<K>(&());
     let api = Api::<DynamicObject>::all_with(client, &resource);

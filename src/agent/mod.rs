@@ -386,13 +386,7 @@ fn watch<K>(
     mut shutdown: Shutdown,
 ) -> Store<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: crate::watch::Reflected,
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, events)

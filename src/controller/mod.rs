@@ -464,13 +464,7 @@ type Changes<K> = BoxStream<'static, watcher::Result<K>>;
 /// synced after its first listing.
 fn watch_kind<K>(client: &Client, synced: &Synced, watch: u8) -> (Store<K>, Changes<K>)
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
+    K: crate::watch::Reflected,
 {
     let (store, writer) = reflector::store::<K>();
     let events = reflector::reflector(
@@ -668,12 +662,12 @@ fn only_label_changes(
 }
 
 /// Server-side applies `status` as the status of the cluster-scoped `K` named `name`, as the
-/// controller's field manager.
+/// controller's field manager. An object deleted meanwhile is [`Applied::Gone`], not an error.
 async fn apply_status<K>(
     client: &Client,
     name: &str,
     status: &impl serde::Serialize,
-) -> Result<K, kube::Error>
+) -> Result<Applied, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     K: Resource<Scope = kube::core::ClusterResourceScope>,
@@ -683,13 +677,27 @@ where
         "kind": K::kind(&()),
         "status": status,
     });
-    Api::<K>::all(client.clone())
+    let written = Api::<K>::all(client.clone())
         .patch_status(
             name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&patch),
         )
-        .await
+        .await;
+    match written {
+        Ok(_) => Ok(Applied::Written),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Applied::Gone),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a status write found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Applied {
+    /// The status is written.
+    Written,
+    /// The object was deleted meanwhile: nothing to write.
+    Gone,
 }
 
 /// A stream callback that pings `changed`.
@@ -765,8 +773,8 @@ async fn fold_and_write(removal: &ImageRemoval, ctx: &Context) -> Result<Action,
             return Ok(Action::requeue(wait));
         }
         match apply_status::<ImageRemoval>(&ctx.client, &name, &status).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
+            Ok(Applied::Written) => {}
+            Ok(Applied::Gone) => return Ok(Action::await_change()),
             Err(source) => return Err(ReconcileError::WriteStatus { name, source }),
         }
         lock(&ctx.limits.last_write).insert(uid.clone(), Instant::now());

@@ -12,7 +12,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 
-use super::{Debounce, Metrics, RESYNC, Stores, Synced, policy_fold};
+use super::{Applied, Debounce, Metrics, RESYNC, Stores, Synced, policy_fold};
 use crate::api::{ImagePrunePolicy, ImagePrunePolicyStatus, READY};
 use crate::events::{Publisher, Severity};
 use crate::serve::{Shutdown, backoff};
@@ -126,7 +126,7 @@ impl PolicyLoop {
     async fn write(&self, policy: &ImagePrunePolicy, status: &ImagePrunePolicyStatus) -> bool {
         let name = policy.name_any();
         match super::apply_status::<ImagePrunePolicy>(&self.client, &name, status).await {
-            Ok(_) => {
+            Ok(Applied::Written) => {
                 self.metrics.policy_status_writes.inc();
                 tracing::info!(
                     policy = %name,
@@ -137,7 +137,7 @@ impl PolicyLoop {
                     "policy status written"
                 );
             }
-            Err(kube::Error::Api(e)) if e.code == 404 => return true,
+            Ok(Applied::Gone) => return true,
             Err(e) => {
                 tracing::warn!(policy = %name, error = %e, "writing the policy status failed; retrying with backoff");
                 return false;

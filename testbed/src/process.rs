@@ -516,6 +516,19 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / per_second as f64)
 }
 
+/// One kB-valued field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, `RssAnon`, `RssFile`, …),
+/// in KiB; `None` if the process is gone or has no such field.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Raises this process's open-file limit (soft and hard) to at least `want`, as far as it is
 /// allowed to (root may raise the hard limit up to the kernel's `nr_open`); returns the soft
 /// limit in force afterwards. Children started later inherit it.
@@ -531,4 +544,20 @@ pub fn raise_open_files(want: u64) -> Result<u64> {
     let soft = want.min(hard);
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard)?;
     Ok(soft)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_are_read_in_kib_by_exact_name() {
+        let me = std::process::id();
+        let rss = status_kib(me, "VmRSS").expect("VmRSS");
+        let peak = status_kib(me, "VmHWM").expect("VmHWM");
+        assert!(rss > 0 && peak >= rss, "rss {rss}, peak {peak}");
+        // A prefix of a field's name is not that field.
+        assert_eq!(status_kib(me, "VmRS"), None);
+        assert_eq!(status_kib(me, "NoSuchField"), None);
+    }
 }

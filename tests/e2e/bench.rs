@@ -41,20 +41,14 @@ struct Memory {
 }
 
 fn memory(pid: u32) -> Result<Memory> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Result<u64> {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("{name} of {pid}"))
+    let field = |name: &str| {
+        testbed::process::status_kib(pid, name).with_context(|| format!("{name} of {pid}"))
     };
     Ok(Memory {
-        rss: field("VmRSS:")?,
-        peak: field("VmHWM:")?,
-        anon: field("RssAnon:")?,
-        file: field("RssFile:")?,
+        rss: field("VmRSS")?,
+        peak: field("VmHWM")?,
+        anon: field("RssAnon")?,
+        file: field("RssFile")?,
     })
 }
 
