@@ -88,6 +88,26 @@ impl Backoff for ControllerBackoff {
     }
 }
 
+/// The backoff of a kube `Controller` over its merged trigger streams: none. Every watch feeding
+/// it already backs off by itself ([`ControllerBackoff`]); kube's default here pauses *all*
+/// triggers after an error in any one of them, for up to 30 s and until two quiet minutes have
+/// passed, so after an API-server restart a removal's new reports went unseen for over 30 s.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoPause;
+
+impl Iterator for NoPause {
+    type Item = Duration;
+
+    /// Always zero: `None` would end the controller's trigger stream.
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl Backoff for NoPause {
+    fn reset(&mut self) {}
+}
+
 /// Clears an object's managedFields before a reflector stores it: nothing in imagegc reads them,
 /// and they are a large share of every cached object (the controller's memory grows with the
 /// node count).
@@ -146,5 +166,13 @@ mod tests {
         assert_eq!(secs, [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]);
         b.reset();
         assert_eq!(b.next(), Some(Duration::from_millis(500)));
+    }
+
+    /// kube ends a trigger stream whose backoff returns `None`: this one never waits and never
+    /// gives up.
+    #[test]
+    fn no_pause_never_waits_and_never_ends() {
+        assert!(NoPause.take(1000).all(|d| d.is_zero()));
+        assert_eq!(NoPause.nth(1_000_000), Some(Duration::ZERO));
     }
 }

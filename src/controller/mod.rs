@@ -460,9 +460,9 @@ impl Synced {
 /// Changes of one watched kind, as the controller's runner takes them.
 type Changes<K> = BoxStream<'static, watcher::Result<K>>;
 
-/// A reflector over every object of one of imagegc's kinds, and its changes; marks `watch`
-/// synced after its first listing.
-fn watch_kind<K>(client: &Client, synced: &Synced, watch: u8) -> (Store<K>, Changes<K>)
+/// A reflector over every object of one of imagegc's kinds, and its changes; tells `listed`
+/// at the end of each listing.
+fn watch_kind<K>(client: &Client, listed: &Listed, watch: u8) -> (Store<K>, Changes<K>)
 where
     K: crate::watch::Reflected,
 {
@@ -473,13 +473,13 @@ where
             .backoff(crate::watch::ControllerBackoff::default())
             .modify(crate::watch::drop_managed_fields),
     );
-    (store, changes(events, synced.clone(), watch).boxed())
+    (store, changes(events, listed.clone(), watch).boxed())
 }
 
 /// A reflector over the Nodes' metadata, and the changes of their labels.
 fn watch_nodes(
     client: &Client,
-    synced: &Synced,
+    listed: &Listed,
 ) -> (
     Store<PartialObjectMeta<Node>>,
     Changes<PartialObjectMeta<Node>>,
@@ -496,7 +496,7 @@ fn watch_nodes(
     ));
     (
         store,
-        changes(events, synced.clone(), Synced::NODES).boxed(),
+        changes(events, listed.clone(), Synced::NODES).boxed(),
     )
 }
 
@@ -521,15 +521,22 @@ async fn drain_policy_watch(policy_changes: Changes<ImagePrunePolicy>, mut shutd
 async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
     let client = leader.client.clone();
     let synced = Synced::new();
-    let (removals, removal_changes) =
-        watch_kind::<ImageRemoval>(&client, &synced, Synced::REMOVALS);
-    let (nodes, node_changes) = watch_nodes(&client, &synced);
-    let (reports, report_changes) =
-        watch_kind::<NodeImageReport>(&client, &synced, Synced::REPORTS);
-    let (policies, policy_changes) =
-        watch_kind::<ImagePrunePolicy>(&client, &synced, Synced::POLICIES);
-    // Every policy, report and Node label change pings the policy loop.
+    // Every policy, report and Node label change, and every finished listing, pings the
+    // policy loop; every finished listing reconciles every removal.
     let changed = Arc::new(tokio::sync::Notify::new());
+    let (relisted, reconcile_all) = futures::channel::mpsc::unbounded();
+    let listed = Listed {
+        synced: synced.clone(),
+        removals: relisted,
+        policies: changed.clone(),
+    };
+    let (removals, removal_changes) =
+        watch_kind::<ImageRemoval>(&client, &listed, Synced::REMOVALS);
+    let (nodes, node_changes) = watch_nodes(&client, &listed);
+    let (reports, report_changes) =
+        watch_kind::<NodeImageReport>(&client, &listed, Synced::REPORTS);
+    let (policies, policy_changes) =
+        watch_kind::<ImagePrunePolicy>(&client, &listed, Synced::POLICIES);
     let report_changes = report_changes.inspect(ping(&changed));
     let node_changes = node_changes.inspect(ping(&changed));
     let policy_changes = policy_changes.inspect(ping(&changed)).boxed();
@@ -571,40 +578,43 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
             ..Limits::default()
         },
     });
-    run_removals(
-        removal_changes,
-        report_changes.boxed(),
-        node_changes.boxed(),
-        ctx,
-        shutdown,
-    )
-    .await;
+    let changes = RemovalTriggers {
+        removals: removal_changes,
+        reports: report_changes.boxed(),
+        nodes: node_changes.boxed(),
+        reconcile_all: reconcile_all.boxed(),
+    };
+    run_removals(changes, ctx, shutdown).await;
 }
 
-/// Runs the ImageRemoval controller until `shutdown`: each removal is reconciled when it
-/// changes, when a report naming it changes, and when a Node's labels change (the target set
-/// may change).
-async fn run_removals(
-    removal_changes: Changes<ImageRemoval>,
-    report_changes: Changes<NodeImageReport>,
-    node_changes: Changes<PartialObjectMeta<Node>>,
-    ctx: Arc<Context>,
-    mut shutdown: Shutdown,
-) {
+/// What reconciles a removal: its own changes, a change of a report naming it, a change of a
+/// Node's labels (the target set may change: every removal), and the end of any listing
+/// (every removal).
+struct RemovalTriggers {
+    removals: Changes<ImageRemoval>,
+    reports: Changes<NodeImageReport>,
+    nodes: Changes<PartialObjectMeta<Node>>,
+    reconcile_all: BoxStream<'static, ()>,
+}
+
+/// Runs the ImageRemoval controller until `shutdown`.
+async fn run_removals(triggers: RemovalTriggers, ctx: Arc<Context>, mut shutdown: Shutdown) {
     // Rate limiting is done per object in `reconcile_one`; the scheduler's own debounce
     // would keep delaying a removal whose reports never stop arriving.
     let all = ctx.stores.removals.clone();
-    Controller::for_stream(removal_changes, ctx.stores.removals.clone())
+    Controller::for_stream(triggers.removals, ctx.stores.removals.clone())
         .with_config(ControllerConfig::default().concurrency(8))
-        .watches_stream(report_changes, |report: NodeImageReport| {
+        .trigger_backoff(crate::watch::NoPause)
+        .watches_stream(triggers.reports, |report: NodeImageReport| {
             removals_named_in(&report)
         })
-        .watches_stream(node_changes, move |_node: PartialObjectMeta<Node>| {
+        .watches_stream(triggers.nodes, move |_node: PartialObjectMeta<Node>| {
             all.state()
                 .iter()
                 .map(|r| ObjectRef::from_obj(&**r))
                 .collect::<Vec<_>>()
         })
+        .reconcile_all_on(triggers.reconcile_all)
         .graceful_shutdown_on(async move { shutdown.wait().await })
         .run(reconcile_one, error_policy, ctx)
         .for_each(|result| {
@@ -619,24 +629,48 @@ async fn run_removals(
         .await;
 }
 
-/// Every added, changed or deleted object (a deleted report changes the counts too); marks
-/// `watch` synced at the end of its first listing (after the reflector stored it).
+/// Every changed or deleted object seen while watching (a deleted report changes the counts
+/// too). A listing's objects are not passed on: the reflector swaps them into its store only at
+/// the end of the listing, so a reconcile they triggered would read the store as it was
+/// before (after a relist, without what changed while the watch was broken). `listed` is told
+/// at the end instead, after the reflector stored the listing.
 fn changes<K>(
     events: impl Stream<Item = watcher::Result<Event<K>>>,
-    synced: Synced,
+    listed: Listed,
     watch: u8,
 ) -> impl Stream<Item = watcher::Result<K>> {
     events.filter_map(move |event| {
         future::ready(match event {
-            Ok(Event::Apply(o) | Event::InitApply(o) | Event::Delete(o)) => Some(Ok(o)),
+            Ok(Event::Apply(o) | Event::Delete(o)) => Some(Ok(o)),
             Ok(Event::InitDone) => {
-                synced.mark(watch);
+                listed.done(watch);
                 None
             }
-            Ok(Event::Init) => None,
+            Ok(Event::Init | Event::InitApply(_)) => None,
             Err(e) => Some(Err(e)),
         })
     })
+}
+
+/// Told when a watch has finished a listing: its first, or a relist after a 410 or an
+/// API-server restart.
+#[derive(Clone)]
+struct Listed {
+    synced: Synced,
+    /// Reconciles every removal.
+    removals: futures::channel::mpsc::UnboundedSender<()>,
+    /// Wakes the policy loop.
+    policies: Arc<tokio::sync::Notify>,
+}
+
+impl Listed {
+    /// Marks `watch` synced and has everything looked at again with the listing stored.
+    fn done(&self, watch: u8) {
+        self.synced.mark(watch);
+        // Closed only when the controller is shutting down.
+        let _ = self.removals.unbounded_send(());
+        self.policies.notify_one();
+    }
 }
 
 /// Drops Node updates that leave the labels as they were: a Node's status changes every few
@@ -919,5 +953,38 @@ mod tests {
             .map(|r| r.name)
             .collect();
         assert_eq!(names, ["a", "b"]);
+    }
+
+    /// A relist (after a 410 or an API-server restart) passes on none of its objects, which
+    /// the store holds only at the end; its end marks the watch synced, asks for every removal
+    /// to be reconciled and wakes the policy loop. Changes seen while watching pass.
+    #[tokio::test]
+    async fn a_listing_is_looked_at_once_stored() {
+        let removal = |name: &str| ImageRemoval::new(name, Default::default());
+        let (relisted, mut reconcile_all) = futures::channel::mpsc::unbounded();
+        let listed = Listed {
+            synced: Synced::new(),
+            removals: relisted,
+            policies: Arc::new(tokio::sync::Notify::new()),
+        };
+        let events = futures::stream::iter([
+            Ok(Event::Apply(removal("watched"))),
+            Ok(Event::Init),
+            Ok(Event::InitApply(removal("listed"))),
+            Ok(Event::InitDone),
+            Ok(Event::Delete(removal("deleted"))),
+        ]);
+        let passed: Vec<String> = changes(events, listed.clone(), Synced::REMOVALS)
+            .map(|c| c.map(|r| r.name_any()).unwrap())
+            .collect()
+            .await;
+        assert_eq!(passed, ["watched", "deleted"]);
+        assert_eq!(reconcile_all.try_recv().ok(), Some(()));
+        assert!(reconcile_all.try_recv().is_err(), "one signal per listing");
+        assert_eq!(*listed.synced.0.borrow(), Synced::REMOVALS);
+        // The stored permit: the policy loop wakes at once.
+        tokio::time::timeout(Duration::from_secs(1), listed.policies.notified())
+            .await
+            .expect("the policy loop was pinged");
     }
 }
