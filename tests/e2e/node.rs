@@ -515,22 +515,32 @@ async fn agent_and_controller_run_as_pods() -> Result<()> {
         "the agent must run with the kubelet's projected ServiceAccount token: {:?}",
         spec.volumes
     );
-    let ds = Api::<DaemonSet>::namespaced(s.admin.clone(), SYSTEM_NS)
-        .get(&format!("{RELEASE}-agent"))
-        .await?;
-    let ds_status = ds.status.context("DaemonSet status")?;
-    ensure!(
-        ds_status.desired_number_scheduled == 1 && ds_status.number_ready == 1,
-        "{ds_status:?}"
-    );
-    let deploy = Api::<Deployment>::namespaced(s.admin.clone(), SYSTEM_NS)
-        .get(&format!("{RELEASE}-controller"))
-        .await?;
-    ensure!(
-        deploy.status.as_ref().and_then(|st| st.ready_replicas) == Some(1),
-        "controller not Ready: {:?}",
-        deploy.status
-    );
+    // The workloads' status is written by kube-controller-manager after the pods turn Ready,
+    // so it is polled, not read once.
+    let daemonsets = &Api::<DaemonSet>::namespaced(s.admin.clone(), SYSTEM_NS);
+    wait_for(
+        "the agent DaemonSet to count 1 of 1 Ready",
+        CONVERGE,
+        || async move {
+            let status = daemonsets
+                .get(&format!("{RELEASE}-agent"))
+                .await?
+                .status
+                .context("DaemonSet status")?;
+            Ok((status.desired_number_scheduled == 1 && status.number_ready == 1).then_some(()))
+        },
+    )
+    .await?;
+    let deployments = &Api::<Deployment>::namespaced(s.admin.clone(), SYSTEM_NS);
+    wait_for(
+        "the controller Deployment to count 1 Ready",
+        CONVERGE,
+        || async move {
+            let deploy = deployments.get(&format!("{RELEASE}-controller")).await?;
+            Ok((deploy.status.and_then(|st| st.ready_replicas) == Some(1)).then_some(()))
+        },
+    )
+    .await?;
     // The agent wrote its node's report with the pod's own token.
     let reports = Api::<NodeImageReport>::all(s.admin.clone());
     let reports = &reports;
