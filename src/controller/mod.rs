@@ -578,13 +578,13 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
             ..Limits::default()
         },
     });
-    let changes = RemovalTriggers {
+    let triggers = RemovalTriggers {
         removals: removal_changes,
         reports: report_changes.boxed(),
         nodes: node_changes.boxed(),
         reconcile_all: reconcile_all.boxed(),
     };
-    run_removals(changes, ctx, shutdown).await;
+    run_removals(triggers, ctx, shutdown).await;
 }
 
 /// What reconciles a removal: its own changes, a change of a report naming it, a change of a
