@@ -936,16 +936,19 @@ async fn agent_cannot_write_another_nodes_report() -> Result<()> {
     );
     let own = op.node(0);
     let other = op.node(1);
-    // The agent itself created its own report.
-    let (admin, own_name) = (&op.admin, &own);
-    wait_for("node-0's own report", CONVERGE, || async move {
-        Ok(Api::<NodeImageReport>::all(admin.clone())
-            .get_opt(own_name)
-            .await?
-            .map(|_| ()))
-    })
-    .await
-    .with_context(|| op.logs())?;
+    // Each agent creates its own report. Both must exist: a status patch of a missing object
+    // is a 404 before admission is asked.
+    for name in [&own, &other] {
+        let admin = &op.admin;
+        wait_for(&format!("{name}'s own report"), CONVERGE, || async move {
+            Ok(Api::<NodeImageReport>::all(admin.clone())
+                .get_opt(name)
+                .await?
+                .map(|_| ()))
+        })
+        .await
+        .with_context(|| op.logs())?;
+    }
     let params = PatchParams::apply("intruder").force();
     let forged = |node: &str| {
         Patch::Apply(serde_json::json!({
