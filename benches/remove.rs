@@ -32,6 +32,11 @@
 //! miss): `imagegc rmi` at least as fast as crictl; the agent ≥ 1.2× crictl where the ceiling
 //! is ≥ 1.3×, else within 1.1× of the floor; both within 1.15× of the floor; both ≥ 5× the CRI
 //! loop at K = 100 on the 300-image node.
+//!
+//! Listing a node: before each repetition's removals, `imagegc images` and `crictl images` are
+//! timed as whole processes on the same node, [`LISTING_PAIRS`] times each, alternately; the
+//! imagegc listing must name every image the repetition imported. Target, on nodes holding at
+//! least [`LISTING_TARGET_MIN_IMAGES`] images: `imagegc images` within 1.5× of `crictl images`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -63,6 +68,12 @@ const REALISTIC_KEEP: usize = 50;
 const SNAPSHOTTER: &str = "overlayfs";
 /// Rows with at least this many images are held to the targets.
 const TARGET_MIN_K: usize = 20;
+/// `imagegc images` and `crictl images` runs per repetition, each.
+const LISTING_PAIRS: usize = 2;
+/// Nodes holding at least this many images are held to the listing target.
+const LISTING_TARGET_MIN_IMAGES: usize = 400;
+/// The most `imagegc images` may take, as a multiple of `crictl images`.
+const LISTING_TARGET: f64 = 1.5;
 /// Pause after the nodes are synced, so the CRI plugin's event handling is done before timing.
 const SETTLE: Duration = Duration::from_millis(300);
 
@@ -121,6 +132,8 @@ struct Sample {
     agent_phases: Vec<(&'static str, Duration)>,
     /// What `imagegc rmi --timings` printed.
     rmi_timings: String,
+    /// Wall times of `imagegc images` and of `crictl images` on the node before removal.
+    listing: [Vec<Duration>; 2],
 }
 
 /// A node shape.
@@ -265,7 +278,67 @@ async fn run() -> Result<bool> {
             }
         }
     }
-    Ok(report(&rows, shapes.last().copied()))
+    let removals_met = report(&rows, shapes.last().copied());
+    let listings_met = listing_report(&rows);
+    Ok(removals_met && listings_met)
+}
+
+/// Prints the listing table (`imagegc images` against `crictl images`, medians over every run
+/// of the row); returns whether every row held to the target met it.
+fn listing_report(rows: &[Row]) -> bool {
+    println!();
+    println!(
+        "listing the node before removal, whole processes, {} runs each per row:",
+        LISTING_PAIRS * REPS
+    );
+    println!(
+        "{:>5} {:>4} {:>7} {:>15} {:>15} {:>16} {:>16}  verdict",
+        "kept", "K", "images", "imagegc ms", "crictl ms", "imagegc/crictl", "spread i / c"
+    );
+    let mut all_met = true;
+    for row in rows {
+        let [imagegc, crictl] = [0, 1].map(|i| {
+            let mut v: Vec<Duration> = row
+                .samples
+                .iter()
+                .flat_map(|s| s.listing[i].iter().copied())
+                .collect();
+            v.sort();
+            v
+        });
+        let (i, c) = (
+            ms(median(imagegc.iter().copied())),
+            ms(median(crictl.iter().copied())),
+        );
+        let images = row.shape.keep + row.k;
+        let ratio = i / c;
+        let verdict = match (images >= LISTING_TARGET_MIN_IMAGES, ratio <= LISTING_TARGET) {
+            (false, _) => format!("(< {LISTING_TARGET_MIN_IMAGES} images: not held to the target)"),
+            (true, true) => "PASS".to_string(),
+            (true, false) => format!("MISS: imagegc {ratio:.2}× crictl > {LISTING_TARGET}×"),
+        };
+        all_met &= !verdict.starts_with("MISS");
+        println!(
+            "{:>5} {:>4} {:>7} {:>15.1} {:>15.1} {:>15.2}× {:>7.2}× {:>6.2}×  {verdict}",
+            row.shape.label(),
+            row.k,
+            images,
+            i,
+            c,
+            ratio,
+            spread(&imagegc),
+            spread(&crictl),
+        );
+    }
+    all_met
+}
+
+/// Largest over smallest of sorted, non-empty `times`.
+fn spread(times: &[Duration]) -> f64 {
+    match (times.first(), times.last()) {
+        (Some(lo), Some(hi)) if !lo.is_zero() => hi.as_secs_f64() / lo.as_secs_f64(),
+        _ => f64::NAN,
+    }
 }
 
 /// The medians of a row, in ms, by role.
@@ -467,6 +540,8 @@ async fn repetition(
     agent.inventory(&Matcher::only(Platform::host())).await?;
     tokio::time::sleep(SETTLE).await;
 
+    let listing = time_listings(node(AGENT), programs, images, rep)?;
+
     let mut times = [Duration::ZERO; ROLES];
     let mut agent_phases = Vec::new();
     let mut rmi_timings = String::new();
@@ -538,26 +613,76 @@ async fn repetition(
         times,
         agent_phases,
         rmi_timings,
+        listing,
     })
+}
+
+/// Times `imagegc images` and `crictl images` on `socket`, [`LISTING_PAIRS`] runs each,
+/// alternately (which goes first rotates with `rep`). Fails unless imagegc's listing names
+/// every reference of `images`.
+fn time_listings(
+    socket: &Path,
+    programs: &Programs,
+    images: &[Prepared],
+    rep: usize,
+) -> Result<[Vec<Duration>; 2]> {
+    let endpoint = format!("unix://{}", socket.display());
+    let mut times: [Vec<Duration>; 2] = Default::default();
+    for run in 0..2 * LISTING_PAIRS {
+        let which = (run + rep) % 2;
+        if which == 0 {
+            let mut cmd = std::process::Command::new(&programs.imagegc);
+            cmd.arg("images")
+                .arg("--socket")
+                .arg(socket)
+                .args(["--namespace", NS]);
+            let (t, stdout) = whole_process_output(cmd)?;
+            for tag in images.iter().flat_map(|p| &p.tags) {
+                ensure!(
+                    stdout.contains(tag.as_str()),
+                    "imagegc images does not list {tag}"
+                );
+            }
+            times[0].push(t);
+        } else {
+            let mut cmd = std::process::Command::new(&programs.crictl);
+            cmd.args(["--image-endpoint", &endpoint, "--timeout", "60s", "images"]);
+            times[1].push(whole_process_output(cmd)?.0);
+        }
+    }
+    Ok(times)
 }
 
 /// Runs `cmd` to its end; returns its wall time, from just before the start to the exit, and
 /// its standard error. Fails if it exits non-zero.
-fn whole_process(mut cmd: std::process::Command) -> Result<(Duration, String)> {
+fn whole_process(cmd: std::process::Command) -> Result<(Duration, String)> {
+    let (elapsed, out) = run_to_end(cmd)?;
+    Ok((elapsed, String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+/// [`whole_process`], returning the standard output instead.
+fn whole_process_output(cmd: std::process::Command) -> Result<(Duration, String)> {
+    let (elapsed, out) = run_to_end(cmd)?;
+    Ok((elapsed, String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// Runs `cmd` to its end, timing it from just before the start to the exit; fails if it exits
+/// non-zero.
+fn run_to_end(mut cmd: std::process::Command) -> Result<(Duration, std::process::Output)> {
     let start = Instant::now();
     let out = cmd
         .output()
         .with_context(|| format!("running {:?}", cmd.get_program()))?;
     let elapsed = start.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ensure!(
         out.status.success(),
-        "{:?} exited with {}: {}{stderr}",
+        "{:?} exited with {}: {}{}",
         cmd.get_program(),
         out.status,
-        String::from_utf8_lossy(&out.stdout)
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    Ok((elapsed, stderr))
+    Ok((elapsed, out))
 }
 
 /// The least any tool must do to reach CRI's end state, knowing the record names in advance:
