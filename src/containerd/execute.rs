@@ -1,9 +1,10 @@
 //! Carries out a [`Plan`]: write one journal naming the last record of each image, delete the
 //! records (a few at a time, in an order that keeps every started image findable), the very last
 //! delete synchronous (one garbage collection per batch), verify nothing of a removed image came
-//! back, delete the journal and measure what was freed.
+//! back, delete the journal and measure what was freed. Every listing asks containerd only for
+//! the records and blobs this run is about, so its cost follows the request, not the node.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
@@ -31,19 +32,22 @@ pub struct Executed {
     /// Record names already gone when their delete ran (someone else removed them; CRI
     /// backend: image IDs no longer listed when the batch started).
     pub already_gone: Vec<String>,
-    /// Bytes of content blobs that left the namespace's content store during this run: the
-    /// compressed layers, configs, manifests and indexes that garbage collection released.
-    /// Unpacked snapshots are not counted (they are freed too, but containerd reports no
-    /// size for them cheaply). Content another namespace still holds stays on disk.
+    /// Bytes of the removed images' content blobs for this platform ([`Plan::content`]: the
+    /// indexes walked, manifests, configs, compressed layers) that left the namespace's
+    /// content store during this run. Blobs the collection also released for other platforms
+    /// of an index are not counted, nor are unpacked snapshots (freed too, but containerd
+    /// reports no size for them cheaply). Content another namespace still holds stays on
+    /// disk.
     /// CRI backend: the runtime's sizes of the images removed (layers they shared with other
     /// images counted with each, so an upper bound).
     pub freed_bytes: i64,
     /// Synchronous garbage collections run (1 per batch that deleted anything; more only if
     /// verification had to delete again). CRI backend: 0, the runtime collects on its own.
     pub gc_runs: u32,
-    /// How long each step took, in order: the journal write (with the first content listing),
-    /// the deletes, the last delete (which waits for the garbage collection), the check that
-    /// nothing came back (with the second content listing), the journal delete.
+    /// How long each step took, in order: the journal write (with the first listing of the
+    /// removed images' blobs), the deletes, the last delete (which waits for the garbage
+    /// collection), the check that nothing came back (with the second listing of those blobs),
+    /// the journal delete.
     pub phases: Vec<(&'static str, Duration)>,
 }
 
@@ -56,8 +60,9 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
     };
     if done.plan.deletes.is_empty() {
         if !done.plan.journals.is_empty() {
+            let journalled = journalled_names(&done.plan.journals);
             let names: BTreeSet<String> = rt
-                .list_images()
+                .list_images_named(&journalled)
                 .await?
                 .into_iter()
                 .map(|r| r.name)
@@ -68,9 +73,10 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
     }
     let mut clock = Instant::now();
     // The journal goes first: from here on, an interruption leaves it for the next run. It
-    // is written alongside the first content listing; if that listing fails, the batch is
-    // committed all the same and the next run finishes it (re-checking pinned and in use).
-    let (before, journal) = tokio::try_join!(rt.content_sizes(), async {
+    // is written alongside the first listing of the blobs the removal may free; if that
+    // listing fails, the batch is committed all the same and the next run finishes it
+    // (re-checking pinned and in use).
+    let (before, journal) = tokio::try_join!(rt.content_sizes_of(&done.plan.content), async {
         match done.plan.marks.is_empty() {
             true => Ok(None),
             false => rt.create_journal(&done.plan.marks).await.map(Some),
@@ -102,16 +108,23 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
         .flatten()
         .chain(done.plan.resumed.iter().cloned())
         .collect();
-    // The first check and the content listing that measures what was freed run together;
-    // the listing is taken again only if records had to be deleted again.
+    // What the check lists: those, and every journalled name (a journal goes once none of
+    // its records is left).
+    let mut watched = journalled_names(&done.plan.journals);
+    watched.extend(removed.iter().cloned());
+    // The first check and the listing that measures what was freed run together; the
+    // listing is taken again only if records had to be deleted again.
     let mut remaining = BTreeSet::new();
     let mut after = None;
     for round in 0..VERIFY_ROUNDS {
         let (records, sizes) = if round == 0 {
-            let (records, sizes) = tokio::try_join!(rt.list_images(), rt.content_sizes())?;
+            let (records, sizes) = tokio::try_join!(
+                rt.list_images_named(&watched),
+                rt.content_sizes_of(&done.plan.content)
+            )?;
             (records, Some(sizes))
         } else {
-            (rt.list_images().await?, None)
+            (rt.list_images_named(&watched).await?, None)
         };
         remaining = records.into_iter().map(|r| r.name).collect();
         let again: Vec<String> = remaining.intersection(&removed).cloned().collect();
@@ -135,14 +148,33 @@ pub async fn execute(rt: &Runtime, plan: Plan) -> Result<Executed, RuntimeError>
 
     let after = match after {
         Some(after) => after,
-        None => rt.content_sizes().await?,
+        None => rt.content_sizes_of(&done.plan.content).await?,
     };
-    done.freed_bytes = before
-        .iter()
-        .filter(|(digest, _)| !after.contains_key(*digest))
-        .map(|(_, size)| size)
-        .sum();
+    done.freed_bytes = freed_bytes(&done.plan.content, &before, &after);
     Ok(done)
+}
+
+/// Bytes of the blobs among `content` that `before` lists and `after` does not. The listings
+/// may hold other blobs (past a filter's limit containerd lists them all): only `content`
+/// counts.
+fn freed_bytes(
+    content: &BTreeSet<String>,
+    before: &BTreeMap<String, i64>,
+    after: &BTreeMap<String, i64>,
+) -> i64 {
+    content
+        .iter()
+        .filter(|digest| !after.contains_key(*digest))
+        .filter_map(|digest| before.get(digest))
+        .fold(0i64, |sum, size| sum.saturating_add((*size).max(0)))
+}
+
+/// Every record name the journals list.
+fn journalled_names(journals: &[Journal]) -> BTreeSet<String> {
+    journals
+        .iter()
+        .flat_map(|j| j.names.iter().cloned())
+        .collect()
 }
 
 /// Records the time since `clock` as `phase`, and restarts the clock.
@@ -215,5 +247,52 @@ fn record(done: &mut Executed, name: &str, existed: bool) {
         done.deleted.push(name.to_string());
     } else {
         done.already_gone.push(name.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn sizes(v: &[(&str, i64)]) -> BTreeMap<String, i64> {
+        v.iter().map(|(d, n)| (d.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn freed_is_what_left_of_the_removed_images_content() {
+        let content = set(&["manifest", "config", "layer", "shared", "never-there"]);
+        let before = sizes(&[
+            ("manifest", 500),
+            ("config", 100),
+            ("layer", 4000),
+            ("shared", 9000),
+            ("someone-elses", 7000),
+        ]);
+        // The shared layer stays (another image holds it); a blob outside the request
+        // left too, but is not this run's.
+        let after = sizes(&[("shared", 9000)]);
+        assert_eq!(freed_bytes(&content, &before, &after), 4600);
+        assert_eq!(freed_bytes(&BTreeSet::new(), &before, &after), 0);
+        assert_eq!(freed_bytes(&content, &before, &before), 0);
+    }
+
+    #[test]
+    fn journalled_names_are_every_journals_records() {
+        let journals = [
+            Journal {
+                id: "a".into(),
+                names: set(&["x:1", "y:1"]),
+            },
+            Journal {
+                id: "b".into(),
+                names: set(&["y:1", "z:1"]),
+            },
+        ];
+        assert_eq!(journalled_names(&journals), set(&["x:1", "y:1", "z:1"]));
+        assert!(journalled_names(&[]).is_empty());
     }
 }

@@ -37,6 +37,10 @@ pub const DEFAULT_NAMESPACE: &str = "k8s.io";
 /// Content reads in flight at once while building an inventory.
 const READ_CONCURRENCY: usize = 16;
 
+/// Values past which a listing is left unfiltered: containerd tries each filter against every
+/// item it walks, so a long list of filters costs it more than the items it saves sending.
+const MAX_FILTERS: usize = 64;
+
 /// CRI's container metadata extension, which names the image a container was created from.
 const CRI_CONTAINER_METADATA: &str = "io.cri-containerd.container.metadata";
 
@@ -146,8 +150,28 @@ impl Runtime {
 
     /// Every image record in the namespace.
     pub async fn list_images(&self) -> Result<Vec<ImageRecord>, RuntimeError> {
+        self.list_images_filtered(vec![]).await
+    }
+
+    /// The records among `names` that exist. With more names than a filter pays for, every
+    /// record is returned: callers look only at the names they asked for.
+    pub async fn list_images_named(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<Vec<ImageRecord>, RuntimeError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.list_images_filtered(any_equal("name", names).unwrap_or_default())
+            .await
+    }
+
+    async fn list_images_filtered(
+        &self,
+        filters: Vec<String>,
+    ) -> Result<Vec<ImageRecord>, RuntimeError> {
         let images = ImagesClient::new(self.channel.clone())
-            .list(self.req(ListImagesRequest { filters: vec![] }))
+            .list(self.req(ListImagesRequest { filters }))
             .await
             .map_err(call_err("list images"))?
             .into_inner()
@@ -203,8 +227,29 @@ impl Runtime {
 
     /// Size of every content blob in the namespace, by digest.
     pub async fn content_sizes(&self) -> Result<BTreeMap<String, i64>, RuntimeError> {
+        self.content_sizes_filtered(vec![]).await
+    }
+
+    /// Size of each blob among `digests` that the namespace has. With more digests than a
+    /// filter pays for, every blob is returned: callers look only at the digests they asked
+    /// for.
+    pub async fn content_sizes_of(
+        &self,
+        digests: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, i64>, RuntimeError> {
+        if digests.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        self.content_sizes_filtered(any_equal("digest", digests).unwrap_or_default())
+            .await
+    }
+
+    async fn content_sizes_filtered(
+        &self,
+        filters: Vec<String>,
+    ) -> Result<BTreeMap<String, i64>, RuntimeError> {
         let mut stream = ContentClient::new(self.channel.clone())
-            .list(self.req(ListContentRequest { filters: vec![] }))
+            .list(self.req(ListContentRequest { filters }))
             .await
             .map_err(call_err("list content"))?
             .into_inner();
@@ -753,9 +798,63 @@ fn cri_image_ref(value: &[u8]) -> Option<String> {
     (!v.metadata.image_ref.is_empty()).then_some(v.metadata.image_ref)
 }
 
+/// containerd filters selecting the items whose `field` equals one of `values` (containerd
+/// ORs the filters of a list), or `None` past [`MAX_FILTERS`] values, where a plain listing is
+/// cheaper. Each value is quoted, so it matches only itself whatever characters it holds.
+fn any_equal(field: &str, values: &BTreeSet<String>) -> Option<Vec<String>> {
+    (values.len() <= MAX_FILTERS).then(|| {
+        values
+            .iter()
+            .map(|v| format!("{field}=={}", quoted(v)))
+            .collect()
+    })
+}
+
+/// `value` as a double-quoted string in Go's syntax, which containerd's filter parser reads.
+fn quoted(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_name_each_value_quoted_and_give_way_to_a_plain_listing_past_the_limit() {
+        let values: BTreeSet<String> = [
+            "docker.io/library/nginx:1.27",
+            "sha256:abc",
+            "odd\"name\\with\nbreaks",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            any_equal("name", &values),
+            Some(vec![
+                r#"name=="docker.io/library/nginx:1.27""#.to_string(),
+                r#"name=="odd\"name\\with\u000abreaks""#.to_string(),
+                r#"name=="sha256:abc""#.to_string(),
+            ])
+        );
+        let many: BTreeSet<String> = (0..=MAX_FILTERS).map(|i| format!("sha256:{i}")).collect();
+        assert_eq!(any_equal("digest", &many), None);
+        let most: BTreeSet<String> = many.into_iter().skip(1).collect();
+        assert_eq!(
+            any_equal("digest", &most).map(|f| f.len()),
+            Some(MAX_FILTERS)
+        );
+    }
 
     #[test]
     fn namespaces() {

@@ -170,6 +170,10 @@ pub struct Plan {
     pub journals: Vec<Journal>,
     /// Which of `deletes` finish an earlier, interrupted removal.
     pub resumed: Vec<String>,
+    /// Digests of the content blobs the images in `deletes` reference for this platform
+    /// (indexes walked, manifest, config, compressed layers): what the garbage collection
+    /// may free. The executor measures the bytes freed over these alone.
+    pub content: BTreeSet<String>,
 }
 
 /// `image`'s references in delete order: the ID record first, then the names in CRI order,
@@ -220,6 +224,7 @@ fn decide(
         }
     }
     plan.marks.extend(last_new);
+    plan.content.extend(image.content.iter().cloned());
     Outcome::Remove {
         id,
         references: image.references.clone(),
@@ -263,6 +268,7 @@ pub fn plan(request: &Request, inventory: &Inventory) -> Plan {
                     }
                 }
                 plan.pending.push(name.clone());
+                plan.content.extend(image.content.iter().cloned());
             }
             None => {
                 seen.insert(name.clone());
@@ -685,6 +691,28 @@ mod tests {
         );
         assert!(p.deletes.is_empty());
         assert!(p.resumed.is_empty());
+    }
+
+    #[test]
+    fn what_may_be_freed_is_the_content_of_removed_and_resumed_images() {
+        let mut inv = inventory(&["docker.io/library/twin:a"]);
+        let blobs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        for (id, content) in [
+            (nginx(), blobs(&["nginx-manifest", "shared-layer"])),
+            (redis(), blobs(&["redis-manifest", "shared-layer"])),
+            (twins().0, blobs(&["twin-a-manifest"])),
+            (twins().1, blobs(&["twin-b-manifest"])),
+        ] {
+            inv.images.get_mut(&id).unwrap().content = content;
+        }
+        // nginx is removed, redis (in use) is kept, twin:a finishes an interrupted removal.
+        let p = plan(&request(&["nginx", "redis:7"], false), &inv);
+        assert_eq!(
+            p.content,
+            blobs(&["nginx-manifest", "shared-layer", "twin-a-manifest"])
+        );
+        let nothing = plan(&request(&["redis:7", "ghost"], false), &inventory(&[]));
+        assert!(nothing.content.is_empty());
     }
 
     #[test]

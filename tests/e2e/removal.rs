@@ -5,7 +5,7 @@
 //! pinned images are never removed, images in use only with force, bad input touches nothing,
 //! and an interrupted removal is finished by the next run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
@@ -693,6 +693,97 @@ async fn interrupted_removal_is_finished(flavor: Flavor) -> Result<()> {
     Ok(())
 }
 
+/// The bytes freed are the removed image's own blobs for this platform that left the store:
+/// not the base layer another image keeps, not the blobs of the index's other platform (which
+/// the collection removes too). The listings behind that figure ask containerd only for the
+/// names and digests they need, quoted, so a name no record has matches nothing.
+async fn freed_bytes_are_the_removed_images_own_blobs(flavor: Flavor) -> Result<()> {
+    let bed = nodes(flavor, 1).await?;
+    let socket = &bed.nodes[0].socket;
+    let host = image::host_platform();
+    let other = if host == "linux/arm64" {
+        "linux/amd64"
+    } else {
+        "linux/arm64"
+    };
+    let a = ImageBuilder::new("freed-a")
+        .platforms(&[&host, other])
+        .shared_base("freed-base", 5_000)
+        .layer_sizes(&[10_000, 20_000])
+        .build();
+    let b = ImageBuilder::new("freed-b")
+        .shared_base("freed-base", 5_000)
+        .layer_sizes(&[3_000])
+        .build();
+    import(socket, &a, &["docker.io/library/a:1"]).await?;
+    import(socket, &b, &["docker.io/library/b:1"]).await?;
+    let refs = ["docker.io/library/a:1", "docker.io/library/b:1"];
+    testbed::cri::wait_synced(socket, &[a.id(), b.id()], &refs).await?;
+
+    let rt = Runtime::connect(socket, NS).await?;
+    let asked: BTreeSet<String> = [
+        "docker.io/library/a:1",
+        "docker.io/library/a:1\"",
+        "docker.io/library/none:1",
+    ]
+    .map(String::from)
+    .into();
+    let named: Vec<String> = rt
+        .list_images_named(&asked)
+        .await?
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    ensure!(
+        named == ["docker.io/library/a:1"],
+        "named listing: {named:?}"
+    );
+    let config = a.id_for(&host);
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let sizes = rt
+        .content_sizes_of(&[config.clone(), missing].into())
+        .await?;
+    ensure!(sizes.keys().eq([&config]), "digest listing: {sizes:?}");
+
+    // The removed image's own blobs for this host: the index, the host's manifest and config,
+    // its own layers (the base stays: b keeps it).
+    let b_blobs = b.digests();
+    let own: BTreeSet<&String> = [&a.target.digest, &a.manifest_digests[&host], &config]
+        .into_iter()
+        .chain(&a.layer_digests[&host])
+        .filter(|d| !b_blobs.contains(*d))
+        .collect();
+    let expected: i64 = a
+        .blobs
+        .iter()
+        .filter(|blob| own.contains(&blob.digest))
+        .map(|blob| blob.bytes.len() as i64)
+        .sum();
+    let before = state(socket, &[NS]).await?;
+    let inv = rt.inventory(&Matcher::only(Platform::host())).await?;
+    let plan = plan_of(&["docker.io/library/a:1".into()], false, &inv);
+    let done = imagegc::containerd::execute(&rt, plan).await?;
+    ensure!(
+        done.freed_bytes == expected,
+        "freed {} bytes, expected {expected} ({} blobs)",
+        done.freed_bytes,
+        own.len()
+    );
+    // The other platform's blobs went too, uncounted; the base stayed.
+    let after = state(socket, &[NS]).await?;
+    let gone: BTreeSet<&String> = before.content[NS].difference(&after.content[NS]).collect();
+    let other_manifest = &a.manifest_digests[other];
+    ensure!(
+        own.iter().all(|d| gone.contains(d)) && gone.contains(other_manifest),
+        "left the store: {gone:?}"
+    );
+    ensure!(
+        b_blobs.iter().all(|d| after.content[NS].contains(d)),
+        "b's blobs must stay"
+    );
+    Ok(())
+}
+
 /// The agent with `--runtime cri` on containerd's CRI socket: an ImageRemoval is executed
 /// through the CRI backend (every name of the image goes, by ID) and reported, and the agent
 /// says which runtime it chose.
@@ -766,6 +857,10 @@ pub fn trials() -> Vec<Trial> {
         out.push(trial(
             format!("removal::{f}::a_false_id_record_is_caught"),
             move || a_false_id_record_is_caught(flavor),
+        ));
+        out.push(trial(
+            format!("removal::{f}::freed_bytes_are_the_removed_images_own_blobs"),
+            move || freed_bytes_are_the_removed_images_own_blobs(flavor),
         ));
         out.push(trial(
             format!("removal::{f}::interrupted_removal_is_finished"),
