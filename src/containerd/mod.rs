@@ -811,6 +811,8 @@ fn any_equal(field: &str, values: &BTreeSet<String>) -> Option<Vec<String>> {
 }
 
 /// `value` as a double-quoted string in Go's syntax, which containerd's filter parser reads.
+/// Everything outside printable ASCII is escaped: containerd's scanner refuses some characters
+/// written out (U+FFFD, which it takes for a decoding error), never their escapes.
 fn quoted(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
     out.push('"');
@@ -818,8 +820,9 @@ fn quoted(value: &str) -> String {
         match c {
             '"' => out.push_str("\\\""),
             '\\' => out.push_str("\\\\"),
-            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+            ' '..='~' => out.push(c),
+            c if (c as u32) <= 0xffff => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push_str(&format!("\\U{:08x}", c as u32)),
         }
     }
     out.push('"');
@@ -836,15 +839,19 @@ mod tests {
             "docker.io/library/nginx:1.27",
             "sha256:abc",
             "odd\"name\\with\nbreaks",
+            "a\u{fffd}b",
+            "x\u{1f600}",
         ]
         .map(String::from)
         .into();
         assert_eq!(
             any_equal("name", &values),
             Some(vec![
+                r#"name=="a\ufffdb""#.to_string(),
                 r#"name=="docker.io/library/nginx:1.27""#.to_string(),
                 r#"name=="odd\"name\\with\u000abreaks""#.to_string(),
                 r#"name=="sha256:abc""#.to_string(),
+                r#"name=="x\U0001f600""#.to_string(),
             ])
         );
         let many: BTreeSet<String> = (0..=MAX_FILTERS).map(|i| format!("sha256:{i}")).collect();
