@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 
 /// Namespace that holds Events about cluster-scoped objects.
 pub const EVENTS_NAMESPACE: &str = "default";
@@ -58,6 +58,28 @@ impl Publisher {
     ) where
         K: Resource<DynamicType = ()>,
     {
+        let regarding = ObjectReference {
+            api_version: Some(K::api_version(&()).into_owned()),
+            kind: Some(K::kind(&()).into_owned()),
+            name: regarding.meta().name.clone(),
+            uid: regarding.meta().uid.clone(),
+            resource_version: regarding.meta().resource_version.clone(),
+            ..Default::default()
+        };
+        self.publish_about(regarding, severity, reason, action, note)
+            .await;
+    }
+
+    /// [`Publisher::publish`] about an object known only by reference (one that does not
+    /// decode as its kind, say).
+    pub async fn publish_about(
+        &self,
+        regarding: ObjectReference,
+        severity: Severity,
+        reason: &str,
+        action: &str,
+        note: &str,
+    ) {
         let now = k8s_openapi::jiff::Timestamp::now();
         let event = Event {
             metadata: ObjectMeta {
@@ -65,7 +87,7 @@ impl Publisher {
                 // ending in `.` is rejected: only a trailing `-` is allowed in a prefix.)
                 name: Some(format!(
                     "{}.{:x}",
-                    regarding.name_any(),
+                    regarding.name.as_deref().unwrap_or("object"),
                     now.as_nanosecond()
                 )),
                 namespace: Some(EVENTS_NAMESPACE.into()),
@@ -82,14 +104,7 @@ impl Publisher {
             reason: Some(reason.into()),
             action: Some(action.into()),
             note: Some(truncate(note, MAX_NOTE)),
-            regarding: Some(ObjectReference {
-                api_version: Some(K::api_version(&()).into_owned()),
-                kind: Some(K::kind(&()).into_owned()),
-                name: regarding.meta().name.clone(),
-                uid: regarding.meta().uid.clone(),
-                resource_version: regarding.meta().resource_version.clone(),
-                ..Default::default()
-            }),
+            regarding: Some(regarding),
             reporting_controller: Some(self.controller.clone()),
             reporting_instance: Some(self.instance.clone()),
             ..Default::default()

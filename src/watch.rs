@@ -2,22 +2,26 @@
 //!
 //! A typed watch fails its whole listing when one stored object does not decode (say, left by
 //! an older version with a different schema), and retries forever. These watches decode each
-//! object on its own: one that does not decode is logged and left out; the rest flow.
+//! object on its own: one that does not decode is logged and left out; the rest flow. The
+//! controller also hears of each one ([`tolerant_reporting`]) and says so in a Warning Event on
+//! the object, where `kubectl describe` shows it.
 //!
 //! Not kube's `DeserializeGuard` (yet): with it, the reflector stores of both processes would
 //! hold `Result`s that every reader (the agent's pass, the controller's folds and mappers)
 //! unwraps, for the sake of reporting an undecodable object in its own status, which its
-//! schema-checked spec makes rare; a malformed object is logged by name instead.
+//! schema-checked spec makes rare; a malformed object is logged and given an Event instead.
 
 use std::fmt::Debug;
 use std::time::Duration;
 
 use futures::{Stream, TryStreamExt};
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedSender;
 
 /// What a reflector over one of imagegc's kinds (or a Kubernetes kind) needs of it.
 pub trait Reflected:
@@ -30,6 +34,15 @@ impl<K> Reflected for K where
 {
 }
 
+/// An object that does not decode as its kind: which one (at which version), and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Undecodable {
+    /// The object (boxed: an error value stays small).
+    pub regarding: Box<ObjectReference>,
+    /// What serde said.
+    pub error: String,
+}
+
 /// Watches every object of kind `K` (cluster-scoped), decoding each one separately.
 pub fn tolerant<K>(
     client: Client,
@@ -38,17 +51,55 @@ pub fn tolerant<K>(
 where
     K: Reflected,
 {
+    tolerant_reporting(client, config, None)
+}
+
+/// [`tolerant`], also sending each object that does not decode to `undecodable` (every time
+/// it is seen: a relist sees it again).
+pub fn tolerant_reporting<K>(
+    client: Client,
+    config: watcher::Config,
+    undecodable: Option<UnboundedSender<Undecodable>>,
+) -> impl Stream<Item = watcher::Result<Event<K>>> + Send
+where
+    K: Reflected,
+{
     let resource = ApiResource::erase::<K>(&());
     let api = Api::<DynamicObject>::all_with(client, &resource);
-    watcher::watcher(api, config).try_filter_map(|event| async move {
-        Ok(match event {
-            Event::Apply(o) => decode(o).map(Event::Apply),
-            Event::InitApply(o) => decode(o).map(Event::InitApply),
-            Event::Delete(o) => decode(o).map(Event::Delete),
+    watcher::watcher(api, config).try_filter_map(move |event| {
+        let keep = |o| kept(decode(o), undecodable.as_ref());
+        let event = match event {
+            Event::Apply(o) => keep(o).map(Event::Apply),
+            Event::InitApply(o) => keep(o).map(Event::InitApply),
+            Event::Delete(o) => keep(o).map(Event::Delete),
             Event::Init => Some(Event::Init),
             Event::InitDone => Some(Event::InitDone),
-        })
+        };
+        async move { Ok(event) }
     })
+}
+
+/// The decoded object; an undecodable one is logged, sent to `undecodable` and left out.
+fn kept<K>(
+    decoded: Result<K, Undecodable>,
+    undecodable: Option<&UnboundedSender<Undecodable>>,
+) -> Option<K> {
+    match decoded {
+        Ok(k) => Some(k),
+        Err(u) => {
+            tracing::warn!(
+                kind = u.regarding.kind.as_deref().unwrap_or_default(),
+                name = u.regarding.name.as_deref().unwrap_or_default(),
+                error = %u.error,
+                "ignoring an object that does not match this version's schema; fix or delete it"
+            );
+            if let Some(tx) = undecodable {
+                // The receiver goes only when the controller stops leading.
+                let _ = tx.send(u);
+            }
+            None
+        }
+    }
 }
 
 /// The backoff of the controller's watches: 0.5 s doubling to at most 5 s, back to 0.5 s after
@@ -115,25 +166,24 @@ pub fn drop_managed_fields<K: Resource>(object: &mut K) {
     object.managed_fields_mut().clear();
 }
 
-/// Decodes one object as `K`; `None` (logged) when it does not fit `K`'s shape.
-pub fn decode<K>(object: DynamicObject) -> Option<K>
+/// Decodes one object as `K`, or says which object does not fit `K`'s shape and why.
+pub fn decode<K>(object: DynamicObject) -> Result<K, Undecodable>
 where
     K: Resource<DynamicType = ()> + DeserializeOwned,
 {
-    let name = object.name_any();
-    let result = serde_json::to_value(&object).and_then(serde_json::from_value::<K>);
-    match result {
-        Ok(k) => Some(k),
-        Err(e) => {
-            tracing::warn!(
-                kind = %K::kind(&()),
-                name,
-                error = %e,
-                "ignoring an object that does not match this version's schema; fix or delete it"
-            );
-            None
-        }
-    }
+    serde_json::to_value(&object)
+        .and_then(serde_json::from_value::<K>)
+        .map_err(|e| Undecodable {
+            regarding: Box::new(ObjectReference {
+                api_version: Some(K::api_version(&()).into_owned()),
+                kind: Some(K::kind(&()).into_owned()),
+                name: Some(object.name_any()),
+                uid: object.metadata.uid.clone(),
+                resource_version: object.metadata.resource_version.clone(),
+                ..Default::default()
+            }),
+            error: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -150,13 +200,23 @@ mod tests {
     }
 
     #[test]
-    fn good_objects_decode_and_bad_ones_are_left_out() {
-        let good: Option<ImageRemoval> = decode(dynamic(serde_json::json!({"images": ["nginx"]})));
+    fn good_objects_decode_and_bad_ones_are_left_out_and_reported() {
+        let good = decode::<ImageRemoval>(dynamic(serde_json::json!({"images": ["nginx"]})));
         let good = good.expect("decodes");
         assert_eq!(good.spec.images, ["nginx"]);
         assert_eq!(good.uid().as_deref(), Some("u1"));
-        let bad: Option<ImageRemoval> = decode(dynamic(serde_json::json!({"images": 5})));
-        assert!(bad.is_none());
+        let bad = decode::<ImageRemoval>(dynamic(serde_json::json!({"images": 5})));
+        let bad = bad.expect_err("does not decode");
+        assert_eq!(bad.regarding.kind.as_deref(), Some("ImageRemoval"));
+        assert_eq!(bad.regarding.name.as_deref(), Some("x"));
+        assert_eq!(bad.regarding.uid.as_deref(), Some("u1"));
+        assert!(bad.error.contains("invalid type"), "{}", bad.error);
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        assert!(kept(Err::<ImageRemoval, _>(bad.clone()), Some(&tx)).is_none());
+        assert_eq!(rx.try_recv().ok(), Some(bad.clone()));
+        assert!(kept(Err::<ImageRemoval, _>(bad), None).is_none());
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions};
 use kube::runtime::WatchStreamExt;
@@ -38,7 +38,9 @@ use crate::api::{ImagePrunePolicy, ImageRemoval, NodeImageReport};
 use crate::core::duration;
 use crate::events::{Publisher, Severity};
 use crate::serve::{self, Health, LogFormat, Shutdown};
+use crate::watch::Undecodable;
 use fold::{Expiry, Terminal};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// Field manager of the status the controller applies.
 pub const FIELD_MANAGER: &str = "imagegc-controller";
@@ -460,20 +462,85 @@ impl Synced {
 /// Changes of one watched kind, as the controller's runner takes them.
 type Changes<K> = BoxStream<'static, watcher::Result<K>>;
 
+/// What a watch of one of imagegc's kinds needs: the client, whom to tell at the end of each
+/// listing (and as which watch), and where objects that do not decode go.
+type WatchArgs<'a> = (&'a Client, &'a Listed, u8, &'a UnboundedSender<Undecodable>);
+
 /// A reflector over every object of one of imagegc's kinds, and its changes; tells `listed`
 /// at the end of each listing.
-fn watch_kind<K>(client: &Client, listed: &Listed, watch: u8) -> (Store<K>, Changes<K>)
+fn watch_kind<K>((client, listed, watch, undecodable): WatchArgs<'_>) -> (Store<K>, Changes<K>)
 where
     K: crate::watch::Reflected,
 {
     let (store, writer) = reflector::store::<K>();
     let events = reflector::reflector(
         writer,
-        crate::watch::tolerant::<K>(client.clone(), watcher::Config::default())
-            .backoff(crate::watch::ControllerBackoff::default())
-            .modify(crate::watch::drop_managed_fields),
+        crate::watch::tolerant_reporting::<K>(
+            client.clone(),
+            watcher::Config::default(),
+            Some(undecodable.clone()),
+        )
+        .backoff(crate::watch::ControllerBackoff::default())
+        .modify(crate::watch::drop_managed_fields),
     );
     (store, changes(events, listed.clone(), watch).boxed())
+}
+
+/// Publishes a Warning Event on each object that does not decode, once per version of it
+/// (every relist sees it again), until `shutdown`.
+async fn warn_undecodable(
+    mut undecodable: UnboundedReceiver<Undecodable>,
+    publisher: Publisher,
+    mut shutdown: Shutdown,
+) {
+    let mut warned = Sightings::default();
+    loop {
+        let u = tokio::select! {
+            _ = shutdown.wait() => break,
+            u = undecodable.recv() => match u {
+                Some(u) => u,
+                None => break,
+            },
+        };
+        if !warned.first(&u.regarding) {
+            continue;
+        }
+        let note = format!(
+            "{} {} does not match this version's schema and is ignored until it is fixed or \
+             deleted: {}",
+            u.regarding.kind.as_deref().unwrap_or("object"),
+            u.regarding.name.as_deref().unwrap_or_default(),
+            u.error
+        );
+        publisher
+            .publish_about(
+                *u.regarding,
+                Severity::Warning,
+                "InvalidObject",
+                "Decode",
+                &note,
+            )
+            .await;
+    }
+}
+
+/// The object versions already warned about.
+#[derive(Debug, Default)]
+struct Sightings(std::collections::HashSet<(Option<String>, Option<String>)>);
+
+impl Sightings {
+    /// Versions remembered at most; past that the memory starts over (a repeat Event, never
+    /// unbounded growth).
+    const MAX: usize = 10_000;
+
+    /// Whether this is the first sighting of `object` at its resource version.
+    fn first(&mut self, object: &ObjectReference) -> bool {
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        self.0
+            .insert((object.uid.clone(), object.resource_version.clone()))
+    }
 }
 
 /// A reflector over the Nodes' metadata, and the changes of their labels.
@@ -530,13 +597,17 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
         removals: relisted,
         policies: changed.clone(),
     };
-    let (removals, removal_changes) =
-        watch_kind::<ImageRemoval>(&client, &listed, Synced::REMOVALS);
+    let (undecodable, undecodable_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(warn_undecodable(
+        undecodable_rx,
+        leader.publisher.clone(),
+        shutdown.clone(),
+    ));
+    let watch = |watch| (&client, &listed, watch, &undecodable);
+    let (removals, removal_changes) = watch_kind::<ImageRemoval>(watch(Synced::REMOVALS));
     let (nodes, node_changes) = watch_nodes(&client, &listed);
-    let (reports, report_changes) =
-        watch_kind::<NodeImageReport>(&client, &listed, Synced::REPORTS);
-    let (policies, policy_changes) =
-        watch_kind::<ImagePrunePolicy>(&client, &listed, Synced::POLICIES);
+    let (reports, report_changes) = watch_kind::<NodeImageReport>(watch(Synced::REPORTS));
+    let (policies, policy_changes) = watch_kind::<ImagePrunePolicy>(watch(Synced::POLICIES));
     let report_changes = report_changes.inspect(ping(&changed));
     let node_changes = node_changes.inspect(ping(&changed));
     let policy_changes = policy_changes.inspect(ping(&changed)).boxed();
@@ -897,6 +968,24 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_version_of_an_undecodable_object_is_warned_about_once() {
+        let at = |uid: &str, version: &str| ObjectReference {
+            uid: Some(uid.into()),
+            resource_version: Some(version.into()),
+            ..Default::default()
+        };
+        let mut warned = Sightings::default();
+        assert!(warned.first(&at("a", "1")));
+        assert!(!warned.first(&at("a", "1")), "a relist of the same version");
+        assert!(warned.first(&at("a", "2")), "edited, still bad");
+        assert!(warned.first(&at("b", "1")), "another object");
+        for i in 0..Sightings::MAX {
+            warned.first(&at("c", &i.to_string()));
+        }
+        assert!(warned.0.len() <= Sightings::MAX);
+    }
 
     #[test]
     fn flags_have_the_documented_names_and_defaults() {

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use imagegc::api::ImageRemoval;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::Api;
 use libtest_mimic::Trial;
 use testbed::image::{self, BuiltImage, ImageBuilder};
 
@@ -413,7 +415,7 @@ async fn agent_sigkilled_during_policy_runs() -> Result<()> {
 /// the controller, whose watches keep serving every other object.
 async fn malformed_object_does_not_wedge_watches() -> Result<()> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::api::{Api, PostParams};
+    use kube::api::PostParams;
 
     let mut op = Operator::start(&[&[("pool", "a")]]).await?;
     let (built, tags) = op.seed(0, "mo", 1).await?;
@@ -475,6 +477,46 @@ async fn malformed_object_does_not_wedge_watches() -> Result<()> {
     ensure!(
         log.contains("ignoring an object that does not match") && log.contains("malformed"),
         "the agent says what it skipped:\n{log}"
+    );
+    // The controller says so on the object itself, once for this version of it (its watches
+    // relisted nothing new meanwhile; the agent, one of many, only logs).
+    let warnings = || async {
+        let events = Api::<Event>::namespaced(op.admin.clone(), "default")
+            .list(&Default::default())
+            .await?;
+        Ok::<_, anyhow::Error>(
+            events
+                .items
+                .into_iter()
+                .filter(|e| {
+                    e.reason.as_deref() == Some("InvalidObject")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("malformed")
+                })
+                .collect::<Vec<Event>>(),
+        )
+    };
+    let found = wait_for(
+        "a Warning Event on the malformed ImageRemoval",
+        Duration::from_secs(30),
+        || async { Ok(Some(warnings().await?).filter(|w| !w.is_empty())) },
+    )
+    .await?;
+    let e = &found[0];
+    let note = e.note.clone().unwrap_or_default();
+    ensure!(
+        e.type_.as_deref() == Some("Warning")
+            && e.reporting_controller.as_deref() == Some("imagegc.dev/controller")
+            && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("ImageRemoval")
+            && note.contains("ImageRemoval malformed does not match")
+            && note.contains("invalid type"),
+        "{e:#?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = warnings().await?;
+    ensure!(
+        all.len() == 1,
+        "one Event per version, got {}: {all:#?}",
+        all.len()
     );
     Ok(())
 }
