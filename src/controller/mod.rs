@@ -462,13 +462,15 @@ impl Synced {
 /// Changes of one watched kind, as the controller's runner takes them.
 type Changes<K> = BoxStream<'static, watcher::Result<K>>;
 
-/// What a watch of one of imagegc's kinds needs: the client, whom to tell at the end of each
-/// listing (and as which watch), and where objects that do not decode go.
-type WatchArgs<'a> = (&'a Client, &'a Listed, u8, &'a UnboundedSender<Undecodable>);
-
 /// A reflector over every object of one of imagegc's kinds, and its changes; tells `listed`
-/// at the end of each listing.
-fn watch_kind<K>((client, listed, watch, undecodable): WatchArgs<'_>) -> (Store<K>, Changes<K>)
+/// at the end of each listing (as `watch`), and sends objects that do not decode to
+/// `undecodable`.
+fn watch_kind<K>(
+    client: &Client,
+    listed: &Listed,
+    watch: u8,
+    undecodable: &UnboundedSender<Undecodable>,
+) -> (Store<K>, Changes<K>)
 where
     K: crate::watch::Reflected,
 {
@@ -603,11 +605,13 @@ async fn lead(leader: Leader, health: Health, shutdown: Shutdown) {
         leader.publisher.clone(),
         shutdown.clone(),
     ));
-    let watch = |watch| (&client, &listed, watch, &undecodable);
-    let (removals, removal_changes) = watch_kind::<ImageRemoval>(watch(Synced::REMOVALS));
+    let (removals, removal_changes) =
+        watch_kind::<ImageRemoval>(&client, &listed, Synced::REMOVALS, &undecodable);
     let (nodes, node_changes) = watch_nodes(&client, &listed);
-    let (reports, report_changes) = watch_kind::<NodeImageReport>(watch(Synced::REPORTS));
-    let (policies, policy_changes) = watch_kind::<ImagePrunePolicy>(watch(Synced::POLICIES));
+    let (reports, report_changes) =
+        watch_kind::<NodeImageReport>(&client, &listed, Synced::REPORTS, &undecodable);
+    let (policies, policy_changes) =
+        watch_kind::<ImagePrunePolicy>(&client, &listed, Synced::POLICIES, &undecodable);
     let report_changes = report_changes.inspect(ping(&changed));
     let node_changes = node_changes.inspect(ping(&changed));
     let policy_changes = policy_changes.inspect(ping(&changed)).boxed();
